@@ -1,0 +1,736 @@
+//! Guest memory and DMA: the one memory layer every transport maps client memory into.
+//!
+//! A client (a VMM, or the kernel through VDUSE) tells the device which of its memory the
+//! device may reach: vfio-user's DMA_MAP/DMA_UNMAP (vfio-user.rst, "VFIO_USER_DMA_MAP"),
+//! vhost-user's memory table, VDUSE's IOTLB. Each transport turns those into
+//! [`DmaSpace::map`] / [`DmaSpace::unmap`] calls on the device's one `DmaSpace`.
+//!
+//! * Maps that come with a file descriptor are `mmap`ed and published as regions of a
+//!   vm-memory [`GuestMemoryAtomic<GuestMemoryMmap>`] snapshot. Device workers (and
+//!   `VhostUserBackend::update_memory`) read that snapshot without taking any lock.
+//! * Maps without a file descriptor are recorded too; accesses to them go through a
+//!   transport-provided [`DmaMessagePath`] (vfio-user DMA_READ/DMA_WRITE).
+//! * An unmap must name exactly one earlier map; overlapping maps fail with `EEXIST`;
+//!   permissions are enforced on every access through this module. A read-only map is
+//!   mapped copy-on-write (`MAP_PRIVATE`) into the snapshot, so a device that writes to it
+//!   through vm-memory changes only its private copy, never the client's memory, and
+//!   cannot fault.
+//!
+//! Lookups use a `BTreeMap` keyed by IOVA (O(log n)), and the snapshot is vm-memory's
+//! sorted region vector (binary search), so tens of thousands of maps stay fast. Adding a
+//! map only marks the snapshot stale; [`DmaSpace::publish`] rebuilds it once per batch of
+//! client messages, so a client that pipelines 65,535 maps costs O(n log n), not O(n²).
+//! Unmaps publish immediately: once an unmap is acknowledged, no new access can start on
+//! the removed range (in-flight snapshot holders keep the mapping alive until they drop it,
+//! so nothing ever touches unmapped memory).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io;
+use std::sync::{Arc, Mutex, RwLock};
+
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    Bytes, FileOffset, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap,
+    MemoryRegionAddress,
+};
+
+/// Default cap on the number of DMA maps of one device (the Linux kernel's
+/// `dma_entry_limit`, also vfio-user's default `max_dma_maps`).
+pub const DEFAULT_MAX_MAPS: usize = 65535;
+
+/// The snapshot type workers read.
+pub type GuestMemorySnapshot = GuestMemoryAtomic<GuestMemoryMmap>;
+
+/// Access permission of a DMA map, as the client granted it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Prot {
+    /// The device may read the range.
+    pub read: bool,
+    /// The device may write the range.
+    pub write: bool,
+}
+
+impl Prot {
+    /// Read and write.
+    pub const READ_WRITE: Prot = Prot {
+        read: true,
+        write: true,
+    };
+    /// Read only.
+    pub const READ_ONLY: Prot = Prot {
+        read: true,
+        write: false,
+    };
+}
+
+/// What went wrong with a map, unmap or access. Each maps to the errno a transport
+/// reports (`errno()`).
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// Zero size, wrap-around, or a size the host cannot map.
+    #[error("invalid DMA range {iova:#x}+{size:#x}: {why}")]
+    InvalidRange {
+        /// Start of the range.
+        iova: u64,
+        /// Length of the range.
+        size: u64,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+    /// The new map overlaps an existing one.
+    #[error("DMA map {iova:#x}+{size:#x} overlaps an existing map")]
+    Overlap {
+        /// Start of the range.
+        iova: u64,
+        /// Length of the range.
+        size: u64,
+    },
+    /// An unmap that does not name exactly one existing map.
+    #[error("no DMA map is exactly {iova:#x}+{size:#x}")]
+    NoSuchMap {
+        /// Start of the range.
+        iova: u64,
+        /// Length of the range.
+        size: u64,
+    },
+    /// The configured cap on maps is reached.
+    #[error("too many DMA maps (limit {0})")]
+    TooManyMaps(usize),
+    /// `mmap` of the client's file descriptor failed.
+    #[error("cannot mmap DMA map {iova:#x}+{size:#x}: {source}")]
+    Mmap {
+        /// Start of the range.
+        iova: u64,
+        /// Length of the range.
+        size: u64,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// An access touches addresses no map covers.
+    #[error("DMA access {iova:#x}+{len:#x} is not mapped")]
+    NotMapped {
+        /// Start of the access.
+        iova: u64,
+        /// Length of the access.
+        len: usize,
+    },
+    /// An access the map's permissions forbid.
+    #[error("DMA {what} of {iova:#x}+{len:#x} is not permitted by the map")]
+    Permission {
+        /// "read" or "write".
+        what: &'static str,
+        /// Start of the access.
+        iova: u64,
+        /// Length of the access.
+        len: usize,
+    },
+    /// A map without an fd was accessed but the transport offers no message path.
+    #[error("DMA access {iova:#x}+{len:#x} needs a message path and none is attached")]
+    NoMessagePath {
+        /// Start of the access.
+        iova: u64,
+        /// Length of the access.
+        len: usize,
+    },
+    /// The message path (the client) failed the transfer.
+    #[error("DMA transfer through the client failed: {0}")]
+    Transfer(io::Error),
+}
+
+impl MemoryError {
+    /// The errno a transport should report for this error.
+    pub fn errno(&self) -> i32 {
+        match self {
+            MemoryError::InvalidRange { .. } => libc::EINVAL,
+            MemoryError::Overlap { .. } => libc::EEXIST,
+            MemoryError::NoSuchMap { .. } => libc::ENOENT,
+            MemoryError::TooManyMaps(_) => libc::ENOSPC,
+            MemoryError::Mmap { source, .. } => source.raw_os_error().unwrap_or(libc::ENOMEM),
+            MemoryError::NotMapped { .. } => libc::EFAULT,
+            MemoryError::Permission { .. } => libc::EACCES,
+            MemoryError::NoMessagePath { .. } => libc::EFAULT,
+            MemoryError::Transfer(e) => e.raw_os_error().unwrap_or(libc::EIO),
+        }
+    }
+}
+
+/// A client's request to make `iova..iova+size` reachable by the device.
+#[derive(Debug)]
+pub struct MapRequest {
+    /// Start address in the device's (client's) DMA address space.
+    pub iova: u64,
+    /// Length in bytes.
+    pub size: u64,
+    /// Permissions granted.
+    pub prot: Prot,
+    /// The memory behind the range, when the client shared it as a file.
+    pub backing: Option<FdBacking>,
+}
+
+/// File-backed memory: `file` at `offset` holds the bytes of the map's first address.
+#[derive(Debug)]
+pub struct FdBacking {
+    /// The client's file (memfd, hugetlbfs file, ...).
+    pub file: File,
+    /// Offset in `file` of the map's first byte.
+    pub offset: u64,
+}
+
+/// How a transport moves bytes for maps that have no fd: vfio-user's DMA_READ/DMA_WRITE.
+pub trait DmaMessagePath: Send + Sync {
+    /// Fill `buf` from client memory at `iova`.
+    fn dma_read(&self, iova: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// Store `data` into client memory at `iova`.
+    fn dma_write(&self, iova: u64, data: &[u8]) -> io::Result<()>;
+}
+
+/// One recorded DMA map.
+#[derive(Debug, Clone)]
+pub struct DmaMap {
+    /// Start address.
+    pub iova: u64,
+    /// Length in bytes.
+    pub size: u64,
+    /// Permissions.
+    pub prot: Prot,
+    /// The mmap of the client's fd, if the map had one.
+    region: Option<Arc<GuestRegionMmap>>,
+}
+
+impl DmaMap {
+    /// Whether the map is backed by a file descriptor (and so lives in the snapshot).
+    pub fn has_fd(&self) -> bool {
+        self.region.is_some()
+    }
+
+    fn end(&self) -> u64 {
+        self.iova + self.size
+    }
+}
+
+#[derive(Default)]
+struct MapTable {
+    maps: BTreeMap<u64, DmaMap>,
+    stale: bool,
+}
+
+impl MapTable {
+    /// The map containing `addr`, if any.
+    fn containing(&self, addr: u64) -> Option<&DmaMap> {
+        self.maps
+            .range(..=addr)
+            .next_back()
+            .map(|(_, m)| m)
+            .filter(|m| addr < m.end())
+    }
+}
+
+/// The device's view of client memory: the set of DMA maps, a lock-free snapshot of the
+/// fd-backed ones, and the message path for the rest. One per device, shared (`Arc`) by
+/// the transport that fills it and the device code that reads it.
+pub struct DmaSpace {
+    table: Mutex<MapTable>,
+    snapshot: GuestMemorySnapshot,
+    message_path: RwLock<Option<Arc<dyn DmaMessagePath>>>,
+    max_maps: usize,
+}
+
+impl Default for DmaSpace {
+    fn default() -> Self {
+        Self::new(DEFAULT_MAX_MAPS)
+    }
+}
+
+impl std::fmt::Debug for DmaSpace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DmaSpace")
+            .field("maps", &self.len())
+            .field("max_maps", &self.max_maps)
+            .finish()
+    }
+}
+
+impl DmaSpace {
+    /// An empty space that accepts at most `max_maps` maps.
+    pub fn new(max_maps: usize) -> Self {
+        DmaSpace {
+            table: Mutex::new(MapTable::default()),
+            snapshot: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+            message_path: RwLock::new(None),
+            max_maps,
+        }
+    }
+
+    /// The cap on the number of maps.
+    pub fn max_maps(&self) -> usize {
+        self.max_maps
+    }
+
+    /// Number of maps currently recorded.
+    pub fn len(&self) -> usize {
+        self.lock_table().maps.len()
+    }
+
+    /// Whether no map is recorded.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock_table(&self) -> std::sync::MutexGuard<'_, MapTable> {
+        // A panic while holding the lock cannot leave the table inconsistent (every
+        // mutation is a single insert/remove), so recover from poisoning.
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The snapshot handle workers keep; `memory()` on it is lock-free.
+    pub fn snapshot(&self) -> GuestMemorySnapshot {
+        self.snapshot.clone()
+    }
+
+    /// Attach (or detach with `None`) the transport's path for maps without an fd.
+    pub fn set_message_path(&self, path: Option<Arc<dyn DmaMessagePath>>) {
+        *self.message_path.write().unwrap_or_else(|e| e.into_inner()) = path;
+    }
+
+    /// Record a map. Fails with `EEXIST` on overlap, `ENOSPC` past the cap, `EINVAL` on a
+    /// zero-sized or wrapping range. The snapshot is updated at the next [`publish`].
+    ///
+    /// [`publish`]: DmaSpace::publish
+    pub fn map(&self, req: MapRequest) -> Result<(), MemoryError> {
+        let MapRequest {
+            iova,
+            size,
+            prot,
+            backing,
+        } = req;
+        let invalid = |why| MemoryError::InvalidRange { iova, size, why };
+        if size == 0 {
+            return Err(invalid("zero size"));
+        }
+        let end = iova
+            .checked_add(size)
+            .ok_or_else(|| invalid("range wraps around"))?;
+        if !prot.read && !prot.write {
+            return Err(invalid("neither read nor write permission"));
+        }
+        {
+            let table = self.lock_table();
+            if table.maps.len() >= self.max_maps {
+                return Err(MemoryError::TooManyMaps(self.max_maps));
+            }
+            if Self::overlaps(&table, iova, end) {
+                return Err(MemoryError::Overlap { iova, size });
+            }
+        }
+        // mmap outside the lock: it can be slow for large maps.
+        let region = match backing {
+            Some(b) => Some(Arc::new(Self::mmap(iova, size, prot, b)?)),
+            None => None,
+        };
+        let mut table = self.lock_table();
+        // Re-check: another thread may have mapped meanwhile.
+        if table.maps.len() >= self.max_maps {
+            return Err(MemoryError::TooManyMaps(self.max_maps));
+        }
+        if Self::overlaps(&table, iova, end) {
+            return Err(MemoryError::Overlap { iova, size });
+        }
+        table.stale |= region.is_some();
+        table.maps.insert(
+            iova,
+            DmaMap {
+                iova,
+                size,
+                prot,
+                region,
+            },
+        );
+        Ok(())
+    }
+
+    fn overlaps(table: &MapTable, iova: u64, end: u64) -> bool {
+        if let Some((_, before)) = table.maps.range(..=iova).next_back() {
+            if before.end() > iova {
+                return true;
+            }
+        }
+        table.maps.range(iova..end).next().is_some()
+    }
+
+    fn mmap(
+        iova: u64,
+        size: u64,
+        prot: Prot,
+        backing: FdBacking,
+    ) -> Result<GuestRegionMmap, MemoryError> {
+        let invalid = |why| MemoryError::InvalidRange { iova, size, why };
+        let len = usize::try_from(size).map_err(|_| invalid("size too large"))?;
+        backing
+            .offset
+            .checked_add(size)
+            .ok_or_else(|| invalid("file offset + size wraps around"))?;
+        // Read-only maps become private copy-on-write mappings: a device writing to them
+        // never reaches client memory and cannot fault.
+        let flags = if prot.write {
+            libc::MAP_SHARED
+        } else {
+            libc::MAP_PRIVATE
+        };
+        let mmap = MmapRegionBuilder::new(len)
+            .with_file_offset(FileOffset::new(backing.file, backing.offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(flags | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| MemoryError::Mmap {
+                iova,
+                size,
+                source: match e {
+                    vm_memory::mmap::MmapRegionError::Mmap(io) => io,
+                    other => io::Error::new(io::ErrorKind::InvalidInput, other.to_string()),
+                },
+            })?;
+        GuestRegionMmap::new(mmap, GuestAddress(iova)).ok_or(MemoryError::InvalidRange {
+            iova,
+            size,
+            why: "range ends past the address space",
+        })
+    }
+
+    /// Remove the map that is exactly `iova..iova+size` and publish the snapshot.
+    pub fn unmap(&self, iova: u64, size: u64) -> Result<DmaMap, MemoryError> {
+        let mut table = self.lock_table();
+        match table.maps.get(&iova) {
+            Some(m) if m.size == size => {}
+            _ => return Err(MemoryError::NoSuchMap { iova, size }),
+        }
+        let removed = table.maps.remove(&iova).ok_or(MemoryError::NoSuchMap { iova, size })?;
+        if removed.has_fd() {
+            table.stale = true;
+            self.publish_locked(&mut table);
+        }
+        Ok(removed)
+    }
+
+    /// Remove every map and publish the (empty) snapshot. Returns how many were removed.
+    pub fn unmap_all(&self) -> usize {
+        let mut table = self.lock_table();
+        let n = table.maps.len();
+        table.maps.clear();
+        table.stale = true;
+        self.publish_locked(&mut table);
+        n
+    }
+
+    /// Make the snapshot reflect every map recorded so far. Cheap when nothing changed.
+    /// Returns whether the snapshot changed (backends then get `update_memory`).
+    pub fn publish(&self) -> bool {
+        let mut table = self.lock_table();
+        self.publish_locked(&mut table)
+    }
+
+    fn publish_locked(&self, table: &mut MapTable) -> bool {
+        if !table.stale {
+            return false;
+        }
+        let regions: Vec<Arc<GuestRegionMmap>> =
+            table.maps.values().filter_map(|m| m.region.clone()).collect();
+        let mem = if regions.is_empty() {
+            GuestMemoryMmap::new()
+        } else {
+            match GuestMemoryMmap::from_arc_regions(regions) {
+                Ok(m) => m,
+                Err(e) => {
+                    // Cannot happen: the table is sorted and overlap-free by construction.
+                    log::error!("cannot publish DMA snapshot: {e}");
+                    return false;
+                }
+            }
+        };
+        match self.snapshot.lock() {
+            Ok(guard) => guard.replace(mem),
+            Err(e) => e.into_inner().replace(mem),
+        }
+        table.stale = false;
+        true
+    }
+
+    /// All maps, in address order (for diagnostics and tests).
+    pub fn maps(&self) -> Vec<DmaMap> {
+        self.lock_table().maps.values().cloned().collect()
+    }
+
+    /// The map containing `iova`, if any.
+    pub fn find(&self, iova: u64) -> Option<DmaMap> {
+        self.lock_table().containing(iova).cloned()
+    }
+
+    /// Read `buf.len()` bytes of client memory at `iova`, through the mmap for fd-backed
+    /// maps and through the message path otherwise. The range may span adjacent maps.
+    pub fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let addr = iova + done as u64;
+            let (chunk, map) = self.chunk(iova, buf.len(), addr, done, "read")?;
+            let dst = &mut buf[done..done + chunk];
+            match &map.region {
+                Some(region) => region
+                    .read_slice(dst, MemoryRegionAddress(addr - map.iova))
+                    .map_err(|_| MemoryError::NotMapped {
+                        iova: addr,
+                        len: chunk,
+                    })?,
+                None => self
+                    .path(addr, chunk)?
+                    .dma_read(addr, dst)
+                    .map_err(MemoryError::Transfer)?,
+            }
+            done += chunk;
+        }
+        Ok(())
+    }
+
+    /// Write `data` to client memory at `iova` (see [`DmaSpace::read`]).
+    pub fn write(&self, iova: u64, data: &[u8]) -> Result<(), MemoryError> {
+        let mut done = 0usize;
+        while done < data.len() {
+            let addr = iova + done as u64;
+            let (chunk, map) = self.chunk(iova, data.len(), addr, done, "write")?;
+            let src = &data[done..done + chunk];
+            match &map.region {
+                Some(region) => region
+                    .write_slice(src, MemoryRegionAddress(addr - map.iova))
+                    .map_err(|_| MemoryError::NotMapped {
+                        iova: addr,
+                        len: chunk,
+                    })?,
+                None => self
+                    .path(addr, chunk)?
+                    .dma_write(addr, src)
+                    .map_err(MemoryError::Transfer)?,
+            }
+            done += chunk;
+        }
+        Ok(())
+    }
+
+    /// The part of an access starting at `addr` that one map covers, with that map.
+    fn chunk(
+        &self,
+        iova: u64,
+        len: usize,
+        addr: u64,
+        done: usize,
+        what: &'static str,
+    ) -> Result<(usize, DmaMap), MemoryError> {
+        let not_mapped = MemoryError::NotMapped { iova, len };
+        if iova.checked_add(len as u64).is_none() {
+            return Err(not_mapped);
+        }
+        let map = self.find(addr).ok_or(not_mapped)?;
+        let allowed = if what == "write" {
+            map.prot.write
+        } else {
+            map.prot.read
+        };
+        if !allowed {
+            return Err(MemoryError::Permission { what, iova, len });
+        }
+        let chunk = ((map.end() - addr) as usize).min(len - done);
+        Ok((chunk, map))
+    }
+
+    fn path(&self, iova: u64, len: usize) -> Result<Arc<dyn DmaMessagePath>, MemoryError> {
+        self.message_path
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or(MemoryError::NoMessagePath { iova, len })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Seek, Write};
+    use vm_memory::{GuestAddressSpace, GuestMemoryBackend};
+
+    fn memfd(len: usize) -> File {
+        let mut f = tempfile_memfd();
+        f.write_all(&vec![0u8; len]).unwrap();
+        f.rewind().unwrap();
+        f
+    }
+
+    fn tempfile_memfd() -> File {
+        let name = std::ffi::CString::new("unidev-test").unwrap();
+        // SAFETY: memfd_create with a valid NUL-terminated name; the returned fd is owned
+        // by the File from here on.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), 0) };
+        assert!(fd >= 0);
+        // SAFETY: fd is a fresh, valid descriptor nobody else owns.
+        unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) }
+    }
+
+    fn anon(iova: u64, size: u64) -> MapRequest {
+        MapRequest {
+            iova,
+            size,
+            prot: Prot::READ_WRITE,
+            backing: None,
+        }
+    }
+
+    #[test]
+    fn overlap_is_eexist_and_adjacent_is_fine() {
+        let s = DmaSpace::default();
+        s.map(anon(0x1000, 0x1000)).unwrap();
+        for (iova, size) in [(0x1000, 0x1000), (0x800, 0x1000), (0x1fff, 1), (0, 0x10000)] {
+            let e = s.map(anon(iova, size)).unwrap_err();
+            assert_eq!(e.errno(), libc::EEXIST, "{iova:#x}+{size:#x}");
+        }
+        s.map(anon(0x2000, 0x1000)).unwrap();
+        s.map(anon(0, 0x1000)).unwrap();
+        assert_eq!(s.len(), 3);
+    }
+
+    #[test]
+    fn invalid_ranges_are_einval() {
+        let s = DmaSpace::default();
+        assert_eq!(s.map(anon(0, 0)).unwrap_err().errno(), libc::EINVAL);
+        assert_eq!(s.map(anon(u64::MAX, 2)).unwrap_err().errno(), libc::EINVAL);
+        let none = MapRequest {
+            prot: Prot::default(),
+            ..anon(0, 0x1000)
+        };
+        assert_eq!(s.map(none).unwrap_err().errno(), libc::EINVAL);
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn unmap_must_match_exactly() {
+        let s = DmaSpace::default();
+        s.map(anon(0x10000, 0x4000)).unwrap();
+        assert_eq!(s.unmap(0x10000, 0x1000).unwrap_err().errno(), libc::ENOENT);
+        assert_eq!(s.unmap(0x11000, 0x3000).unwrap_err().errno(), libc::ENOENT);
+        assert_eq!(s.unmap(0x20000, 0x4000).unwrap_err().errno(), libc::ENOENT);
+        s.unmap(0x10000, 0x4000).unwrap();
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn cap_on_maps_is_enforced() {
+        let s = DmaSpace::new(3);
+        for i in 0..3 {
+            s.map(anon(i * 0x1000, 0x1000)).unwrap();
+        }
+        assert_eq!(s.map(anon(0x10000, 0x1000)).unwrap_err().errno(), libc::ENOSPC);
+        s.unmap(0, 0x1000).unwrap();
+        s.map(anon(0x10000, 0x1000)).unwrap();
+    }
+
+    #[test]
+    fn fd_maps_reach_the_snapshot_and_unmap_removes_them() {
+        let s = DmaSpace::default();
+        let f = memfd(0x4000);
+        let snap = s.snapshot();
+        s.map(MapRequest {
+            iova: 0x100000,
+            size: 0x2000,
+            prot: Prot::READ_WRITE,
+            backing: Some(FdBacking {
+                file: f.try_clone().unwrap(),
+                offset: 0x1000,
+            }),
+        })
+        .unwrap();
+        assert_eq!(snap.memory().num_regions(), 0, "not published yet");
+        assert!(s.publish());
+        assert!(!s.publish(), "second publish is a no-op");
+        assert_eq!(snap.memory().num_regions(), 1);
+        s.write(0x100010, b"hello").unwrap();
+        // The write reached the client's file at offset 0x1010.
+        let mut buf = [0u8; 5];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, 0x1010).unwrap();
+        assert_eq!(&buf, b"hello");
+        // And workers see it through the snapshot.
+        let mut buf2 = [0u8; 5];
+        snap.memory()
+            .read_slice(&mut buf2, GuestAddress(0x100010))
+            .unwrap();
+        assert_eq!(&buf2, b"hello");
+        s.unmap(0x100000, 0x2000).unwrap();
+        assert_eq!(snap.memory().num_regions(), 0, "unmap publishes at once");
+        assert_eq!(s.read(0x100010, &mut buf).unwrap_err().errno(), libc::EFAULT);
+    }
+
+    #[test]
+    fn read_only_maps_refuse_writes_and_never_change_client_memory() {
+        let s = DmaSpace::default();
+        let f = memfd(0x1000);
+        s.map(MapRequest {
+            iova: 0,
+            size: 0x1000,
+            prot: Prot::READ_ONLY,
+            backing: Some(FdBacking {
+                file: f.try_clone().unwrap(),
+                offset: 0,
+            }),
+        })
+        .unwrap();
+        s.publish();
+        assert_eq!(s.write(0, b"x").unwrap_err().errno(), libc::EACCES);
+        // A device writing through vm-memory only changes its private copy.
+        s.snapshot()
+            .memory()
+            .write_slice(b"zz", GuestAddress(0))
+            .unwrap();
+        let mut buf = [1u8; 2];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, 0).unwrap();
+        assert_eq!(buf, [0, 0]);
+    }
+
+    struct Recorder(Mutex<Vec<(u64, Vec<u8>)>>);
+    impl DmaMessagePath for Recorder {
+        fn dma_read(&self, iova: u64, buf: &mut [u8]) -> io::Result<()> {
+            buf.fill(iova as u8);
+            Ok(())
+        }
+        fn dma_write(&self, iova: u64, data: &[u8]) -> io::Result<()> {
+            self.0.lock().unwrap().push((iova, data.to_vec()));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn maps_without_fd_use_the_message_path_and_accesses_may_span_maps() {
+        let s = DmaSpace::default();
+        s.map(anon(0x1000, 0x10)).unwrap();
+        s.map(anon(0x1010, 0x10)).unwrap();
+        let mut buf = [0u8; 4];
+        assert_eq!(s.read(0x1000, &mut buf).unwrap_err().errno(), libc::EFAULT);
+        let rec = Arc::new(Recorder(Mutex::new(Vec::new())));
+        s.set_message_path(Some(rec.clone()));
+        s.write(0x100c, &[1, 2, 3, 4, 5, 6, 7, 8]).unwrap();
+        assert_eq!(
+            *rec.0.lock().unwrap(),
+            vec![(0x100c, vec![1, 2, 3, 4]), (0x1010, vec![5, 6, 7, 8])]
+        );
+        s.read(0x1010, &mut buf).unwrap();
+        assert_eq!(buf, [0x10; 4]);
+        // Past the end of the last map.
+        assert_eq!(s.read(0x101e, &mut buf).unwrap_err().errno(), libc::EFAULT);
+    }
+
+    #[test]
+    fn lookup_with_many_maps() {
+        let s = DmaSpace::default();
+        for i in 0..DEFAULT_MAX_MAPS as u64 {
+            s.map(anon(i * 0x2000, 0x1000)).unwrap();
+        }
+        assert_eq!(s.map(anon(u64::MAX / 2, 1)).unwrap_err().errno(), libc::ENOSPC);
+        assert_eq!(s.find(0x2000 * 40000 + 5).unwrap().iova, 0x2000 * 40000);
+        assert!(s.find(0x2000 * 40000 + 0x1000).is_none());
+        assert_eq!(s.unmap_all(), DEFAULT_MAX_MAPS);
+    }
+}
