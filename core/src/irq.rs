@@ -15,7 +15,6 @@
 //!
 //! No wire format lives here: transports translate their messages into these calls.
 
-use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Mutex;
 
 use vmm_sys_util::eventfd::EventFd;
@@ -124,6 +123,7 @@ struct Line {
 struct State {
     lines: [Vec<Line>; 5],
     intx_level: bool,
+    unmask_generation: u64,
 }
 
 /// The interrupt lines of one device, shared by the device (which raises them) and the
@@ -160,6 +160,7 @@ impl Interrupts {
                     lines_for(c[4]),
                 ],
                 intx_level: false,
+                unmask_generation: 0,
             }),
         }
     }
@@ -223,6 +224,7 @@ impl Interrupts {
         for line in st.lines[kind as usize].iter_mut() {
             *line = Line::default();
         }
+        st.unmask_generation += 1;
     }
 
     /// Detach every eventfd of every kind (client gone) and reset masks.
@@ -293,17 +295,25 @@ impl Interrupts {
         for (i, fd) in fds.into_iter().enumerate() {
             st.lines[kind as usize][start as usize + i].unmask = fd;
         }
+        st.unmask_generation += 1;
         Ok(())
     }
 
-    /// Raw fds of attached unmask eventfds with their (kind, line), for a transport to poll.
-    pub fn unmask_fds(&self) -> Vec<(RawFd, IrqKind, u32)> {
+    /// Changes whenever the set of unmask eventfds changes, so a transport knows when to
+    /// re-read [`unmask_fds`](Interrupts::unmask_fds).
+    pub fn unmask_generation(&self) -> u64 {
+        self.lock().unmask_generation
+    }
+
+    /// Duplicates of the attached unmask eventfds with their (kind, line), for a
+    /// transport to poll.
+    pub fn unmask_fds(&self) -> Vec<(EventFd, IrqKind, u32)> {
         let st = self.lock();
         let mut out = Vec::new();
         for kind in IrqKind::ALL {
             for (i, line) in st.lines[kind as usize].iter().enumerate() {
-                if let Some(fd) = &line.unmask {
-                    out.push((fd.as_raw_fd(), kind, i as u32));
+                if let Some(fd) = line.unmask.as_ref().and_then(|f| f.try_clone().ok()) {
+                    out.push((fd, kind, i as u32));
                 }
             }
         }

@@ -1,0 +1,176 @@
+//! Listening sockets for socket transports (vfio-user now, vhost-user later).
+//!
+//! `bind` makes the socket path appear only once the socket accepts connections: it
+//! binds and listens on a temporary name in the same directory, sets the mode, and
+//! renames it onto the requested path. An existing *socket* at the path is replaced (a
+//! daemon restarting after a crash); any other kind of file is refused, never clobbered.
+//! `from_fd` adopts an already-listening socket (socket activation).
+
+use std::io;
+use std::os::fd::{FromRawFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+
+/// Why a listening socket could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    /// Something other than a socket is at the path.
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+    /// The path has no parent directory or file name.
+    #[error("{0} is not a usable socket path")]
+    BadPath(PathBuf),
+    /// The OS refused.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was attempted.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The fd given for socket activation is not a listening AF_UNIX stream socket.
+    #[error("fd {0} is not a listening unix stream socket")]
+    NotListening(RawFd),
+}
+
+fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> ListenError + 'a {
+    move |source| ListenError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Bind a listening socket at `path` with permission bits `mode` (e.g. 0o600).
+pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, ListenError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(ListenError::NotASocket(path.to_path_buf()))
+        }
+        Ok(_) | Err(_) => {}
+    }
+    let dir = path
+        .parent()
+        .map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p })
+        .ok_or_else(|| ListenError::BadPath(path.to_path_buf()))?;
+    let file = path
+        .file_name()
+        .ok_or_else(|| ListenError::BadPath(path.to_path_buf()))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(file);
+    tmp_name.push(format!(".{}.tmp", std::process::id()));
+    let tmp = dir.join(tmp_name);
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp).map_err(io_err("cannot bind", &tmp))?;
+    let cleanup = |e| {
+        let _ = std::fs::remove_file(&tmp);
+        e
+    };
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+        .map_err(io_err("cannot set mode of", &tmp))
+        .map_err(cleanup)?;
+    // Re-check right before replacing: never clobber a non-socket.
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(ListenError::NotASocket(path.to_path_buf()));
+        }
+    }
+    std::fs::rename(&tmp, path)
+        .map_err(io_err("cannot move socket to", path))
+        .map_err(cleanup)?;
+    Ok(listener)
+}
+
+/// Adopt an inherited, already-listening socket (systemd-style activation).
+pub fn from_fd(fd: RawFd) -> Result<UnixListener, ListenError> {
+    let mut accepting: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes one c_int into `accepting`.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&mut accepting as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    let mut domain: libc::c_int = 0;
+    let mut dlen = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: as above, one c_int.
+    let r2 = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_DOMAIN,
+            (&mut domain as *mut libc::c_int).cast(),
+            &mut dlen,
+        )
+    };
+    if r != 0 || r2 != 0 || accepting == 0 || domain != libc::AF_UNIX {
+        return Err(ListenError::NotListening(fd));
+    }
+    // SAFETY: the caller hands over an inherited fd we now own; it is a listening
+    // AF_UNIX socket as checked above.
+    Ok(unsafe { UnixListener::from_raw_fd(fd) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::IntoRawFd;
+
+    fn tmpdir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "unidev-listener-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn binds_with_mode_and_replaces_stale_socket() {
+        let d = tmpdir();
+        let p = d.join("dev.sock");
+        let l1 = bind(&p, 0o600).unwrap();
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        drop(l1);
+        let _l2 = bind(&p, 0o660).unwrap();
+        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o660);
+        std::os::unix::net::UnixStream::connect(&p).unwrap();
+        // No temporary names left behind.
+        assert_eq!(std::fs::read_dir(&d).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn refuses_to_clobber_other_files() {
+        let d = tmpdir();
+        let p = d.join("precious");
+        std::fs::write(&p, b"data").unwrap();
+        assert!(matches!(bind(&p, 0o600), Err(ListenError::NotASocket(_))));
+        assert_eq!(std::fs::read(&p).unwrap(), b"data");
+        let dirp = d.join("adir");
+        std::fs::create_dir(&dirp).unwrap();
+        assert!(matches!(bind(&dirp, 0o600), Err(ListenError::NotASocket(_))));
+    }
+
+    #[test]
+    fn adopts_only_listening_sockets() {
+        let d = tmpdir();
+        let l = UnixListener::bind(d.join("s")).unwrap();
+        let fd = l.into_raw_fd();
+        let l = from_fd(fd).unwrap();
+        drop(l);
+        let f = std::fs::File::open("/dev/null").unwrap();
+        assert!(matches!(from_fd(f.as_raw_fd()), Err(ListenError::NotListening(_))));
+    }
+    use std::os::fd::AsRawFd;
+}

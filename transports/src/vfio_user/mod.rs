@@ -1,0 +1,24 @@
+//! The vfio-user transport: a server that exports a core [`PciDevice`] over QEMU's
+//! vfio-user protocol (`docs/interop/vfio-user.rst`), with QEMU 11.1's `vfio-user-pci`
+//! client as the reference peer.
+//!
+//! * [`codec`] — the wire format (hand-written: see its doc for why).
+//! * [`socket`] — framing, fds, limits.
+//! * [`session`] — one connection: commands translated into core calls.
+//! * [`server`] — the listening socket and the event loop, one client at a time.
+//!
+//! Differences from the spec text, where QEMU wins (see `DmaRwLayout`): DMA_READ and
+//! DMA_WRITE payload layout, and DMA_WRITE's header-only reply. Twin-socket mode is not
+//! offered (QEMU does not use it); DMA requests travel on the main socket and commands
+//! that arrive meanwhile are parked and handled in order.
+//!
+//! [`PciDevice`]: unidev_core::pci::PciDevice
+
+pub mod codec;
+pub mod server;
+pub mod session;
+pub mod socket;
+
+pub use codec::DmaRwLayout;
+pub use server::VfioUserServer;
+pub use session::ServerConfig;

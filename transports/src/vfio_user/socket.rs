@@ -1,0 +1,284 @@
+//! Message framing on the vfio-user AF_UNIX stream socket: header + payload, file
+//! descriptors as SCM_RIGHTS ancillary data (vfio-user.rst, "Header" and "Socket"), with
+//! limits on message size and fds per message.
+//!
+//! Receiving validates only what framing needs: a size below the header size cannot be
+//! framed (the connection must end); a size over the limit is drained and reported so
+//! the session can answer `E2BIG` and keep going; more fds than allowed are closed and
+//! reported. Sends are serialized by a lock so replies and server-initiated DMA requests
+//! from other threads never interleave.
+
+use std::io::{self, IoSlice};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use libc::iovec;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+use super::codec::{Header, HEADER_SIZE};
+
+/// The most fds the kernel passes in one message (SCM_MAX_FD); the receive buffer is this
+/// large so that a client sending too many is detected rather than silently truncated.
+const SCM_MAX_FD: usize = 253;
+
+/// Past this size a message is not drained but the connection dropped: reading gigabytes
+/// to skip a bogus message would only help an attacker.
+const MAX_DRAIN: usize = 64 << 20;
+
+/// A received message.
+#[derive(Debug)]
+pub struct Message {
+    /// Its header.
+    pub header: Header,
+    /// Its payload (header excluded).
+    pub payload: Vec<u8>,
+    /// File descriptors that came with it, owned (closed on drop).
+    pub fds: Vec<OwnedFd>,
+}
+
+/// Why no message could be returned.
+#[derive(Debug, thiserror::Error)]
+pub enum RecvError {
+    /// The peer closed the connection at a message boundary.
+    #[error("peer closed the connection")]
+    Closed,
+    /// The socket failed, timed out, or closed mid-message.
+    #[error("socket error: {0}")]
+    Io(#[from] io::Error),
+    /// The byte stream can no longer be framed; the connection must end.
+    #[error("cannot frame message: {0}")]
+    Framing(String),
+    /// The message was larger than allowed; its payload was drained. Answer `E2BIG`.
+    #[error("message of {size} bytes exceeds the limit of {limit}")]
+    TooBig {
+        /// Its header.
+        header: Header,
+        /// Its size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The message carried more fds than allowed; they were closed. Answer `EINVAL`.
+    #[error("message carried {count} fds, at most {limit} allowed")]
+    TooManyFds {
+        /// Its header.
+        header: Header,
+        /// Fds received.
+        count: usize,
+        /// The limit.
+        limit: usize,
+    },
+}
+
+/// Limits applied to incoming messages.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Largest message accepted, header included.
+    pub max_msg_size: usize,
+    /// Most fds accepted with one message.
+    pub max_fds: usize,
+}
+
+/// A connected vfio-user socket.
+#[derive(Debug)]
+pub struct MessageSocket {
+    stream: UnixStream,
+    limits: Limits,
+    send_lock: Mutex<()>,
+}
+
+impl MessageSocket {
+    /// Wrap a connected stream.
+    pub fn new(stream: UnixStream, limits: Limits) -> Self {
+        MessageSocket {
+            stream,
+            limits,
+            send_lock: Mutex::new(()),
+        }
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// The underlying stream.
+    pub fn stream(&self) -> &UnixStream {
+        &self.stream
+    }
+
+    /// Set a timeout for blocking reads and writes (a peer that stalls mid-message or
+    /// stops reading replies then fails instead of blocking forever).
+    pub fn set_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        self.stream.set_read_timeout(t)?;
+        self.stream.set_write_timeout(t)
+    }
+
+    /// recvmsg into `buf`, collecting fds; returns bytes read.
+    fn recv_part(&self, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
+        let mut raw = [-1 as RawFd; SCM_MAX_FD];
+        let mut iov = [iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }];
+        loop {
+            // SAFETY: the iovec points into `buf`, which is valid for writes of its length
+            // for the duration of the call.
+            let r = unsafe { self.stream.recv_with_fds(&mut iov, &mut raw) };
+            match r {
+                Ok((n, nfds)) => {
+                    for &fd in &raw[..nfds] {
+                        // SAFETY: recvmsg just installed these descriptors in our table;
+                        // nothing else owns them.
+                        fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                    }
+                    return Ok(n);
+                }
+                Err(e) if e.errno() == libc::EINTR => continue,
+                Err(e) => return Err(io::Error::from_raw_os_error(e.errno())),
+            }
+        }
+    }
+
+    fn recv_exact(&self, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> Result<usize, io::Error> {
+        let mut got = 0;
+        while got < buf.len() {
+            let n = self.recv_part(&mut buf[got..], fds)?;
+            if n == 0 {
+                return Ok(got);
+            }
+            got += n;
+        }
+        Ok(got)
+    }
+
+    /// Receive one whole message (blocking until it is complete or the read times out).
+    pub fn recv(&self) -> Result<Message, RecvError> {
+        let mut fds = Vec::new();
+        let mut hbuf = [0u8; HEADER_SIZE];
+        let got = self.recv_exact(&mut hbuf, &mut fds)?;
+        if got == 0 {
+            return Err(RecvError::Closed);
+        }
+        if got < HEADER_SIZE {
+            return Err(RecvError::Io(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("connection closed after {got} bytes of a header"),
+            )));
+        }
+        let header = Header::decode(&hbuf);
+        let size = header.size as usize;
+        if size < HEADER_SIZE {
+            return Err(RecvError::Framing(format!(
+                "message size {size} is smaller than the header ({header:?})"
+            )));
+        }
+        let payload_len = size - HEADER_SIZE;
+        if size > self.limits.max_msg_size {
+            if size > MAX_DRAIN {
+                return Err(RecvError::Framing(format!(
+                    "message size {size} is absurd ({header:?})"
+                )));
+            }
+            self.drain(payload_len, &mut fds)?;
+            return Err(RecvError::TooBig {
+                header,
+                size,
+                limit: self.limits.max_msg_size,
+            });
+        }
+        let mut payload = vec![0u8; payload_len];
+        let got = self.recv_exact(&mut payload, &mut fds)?;
+        if got < payload_len {
+            return Err(RecvError::Io(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("connection closed after {got} of {payload_len} payload bytes"),
+            )));
+        }
+        if fds.len() > self.limits.max_fds {
+            return Err(RecvError::TooManyFds {
+                header,
+                count: fds.len(),
+                limit: self.limits.max_fds,
+            });
+        }
+        Ok(Message {
+            header,
+            payload,
+            fds,
+        })
+    }
+
+    fn drain(&self, mut left: usize, fds: &mut Vec<OwnedFd>) -> io::Result<()> {
+        let mut scratch = [0u8; 4096];
+        while left > 0 {
+            let want = left.min(scratch.len());
+            let n = self.recv_part(&mut scratch[..want], fds)?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed inside an oversized message",
+                ));
+            }
+            left -= n;
+        }
+        fds.clear();
+        Ok(())
+    }
+
+    /// Send a message with optional fds. The header's `size` must match the payload.
+    pub fn send(&self, header: &Header, payload: &[u8], fds: &[RawFd]) -> io::Result<()> {
+        let hbuf = header.encode();
+        let _guard = self.send_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let total = hbuf.len() + payload.len();
+        // First sendmsg carries the fds; retry the rest without them.
+        let mut sent = loop {
+            match self
+                .stream
+                .send_with_fds(&[&hbuf[..], payload], fds)
+            {
+                Ok(n) => break n,
+                Err(e) if e.errno() == libc::EINTR => continue,
+                Err(e) => return Err(io::Error::from_raw_os_error(e.errno())),
+            }
+        };
+        while sent < total {
+            let bufs: Vec<IoSlice> = if sent < hbuf.len() {
+                vec![IoSlice::new(&hbuf[sent..]), IoSlice::new(payload)]
+            } else {
+                vec![IoSlice::new(&payload[sent - hbuf.len()..])]
+            };
+            match io::Write::write_vectored(&mut &self.stream, &bufs) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "socket closed while sending",
+                    ))
+                }
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Raw fd (for epoll).
+    pub fn as_raw_fd(&self) -> RawFd {
+        self.stream.as_raw_fd()
+    }
+
+    /// Bytes waiting to be read (FIONREAD), without consuming anything.
+    pub fn pending_bytes(&self) -> usize {
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one c_int through the valid pointer we pass.
+        let r = unsafe { libc::ioctl(self.stream.as_raw_fd(), libc::FIONREAD, &mut n) };
+        if r < 0 {
+            0
+        } else {
+            n.max(0) as usize
+        }
+    }
+}
