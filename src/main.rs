@@ -1,1 +1,241 @@
-fn main(){}
+//! `unidev`: the device daemon.
+//!
+//! `unidev serve --transport vfio-user --socket-path PATH [options] <DEVICE> [device
+//! options]` exports one device; `unidev` alone starts the default demo (a GPIO card on
+//! `./unidev-gpio.sock`) and prints the QEMU command line that attaches it.
+
+use std::io;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use log::{error, info};
+use unidev_backends::gpio::IdioGpioCard;
+use unidev_core::memory::DmaSpace;
+use unidev_core::pci::SharedPciDevice;
+use unidev_transports::listener;
+use unidev_transports::vfio_user::{DmaRwLayout, ServerConfig, VfioUserServer};
+
+#[derive(Parser)]
+#[command(
+    name = "unidev",
+    version,
+    about = "Run devices outside the VMM: one device model, many transports",
+    long_about = "Run devices outside the VMM. Without a subcommand, serves the demo \
+                  device (a PCI-IDIO-16 GPIO card) over vfio-user on ./unidev-gpio.sock \
+                  and prints the QEMU command line that attaches it."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Export one device over one transport.
+    Serve(ServeArgs),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum Transport {
+    /// vfio-user (QEMU's vfio-user-pci client).
+    VfioUser,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum LayoutArg {
+    /// QEMU's layout (u32 count, data at 12).
+    Qemu,
+    /// The spec text's layout (u64 count, data at 16).
+    Spec,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Transport to export the device over.
+    #[arg(long, value_enum)]
+    transport: Transport,
+    /// Path of the listening socket (created; an old socket there is replaced).
+    #[arg(long, required_unless_present = "fd", conflicts_with = "fd")]
+    socket_path: Option<PathBuf>,
+    /// Serve an inherited, already-listening socket instead (socket activation).
+    #[arg(long)]
+    fd: Option<i32>,
+    /// Permission bits of the socket, in octal.
+    #[arg(long, default_value = "0600", value_parser = parse_mode)]
+    socket_mode: u32,
+    /// Cap on the client's DMA maps.
+    #[arg(long, default_value_t = unidev_core::memory::DEFAULT_MAX_MAPS)]
+    max_dma_maps: usize,
+    /// Most file descriptors accepted per message (QEMU accepts at most 16).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=253))]
+    max_msg_fds: u32,
+    /// Largest data transfer per message, in bytes.
+    #[arg(long, default_value_t = 1 << 20, value_parser = clap::value_parser!(u32).range(8..=(64 << 20)))]
+    max_data_xfer_size: u32,
+    /// Layout of DMA_READ/DMA_WRITE payloads for maps without an fd.
+    #[arg(long, value_enum, default_value = "qemu")]
+    dma_rw_layout: LayoutArg,
+    /// Seconds a client may stall inside a message before it is dropped.
+    #[arg(long, default_value_t = 10)]
+    io_timeout_secs: u64,
+    #[command(subcommand)]
+    device: DeviceArgs,
+}
+
+#[derive(Subcommand, Clone)]
+enum DeviceArgs {
+    /// An ACCES PCI-IDIO-16 compatible GPIO card (Linux driver gpio-pci-idio-16).
+    Gpio {
+        /// Input lines 0-15, as hex (e.g. 0xa5c3).
+        #[arg(long, default_value = "0", value_parser = parse_hex16)]
+        inputs: u16,
+    },
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    let m = u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .map_err(|e| format!("{s:?} is not an octal mode: {e}"))?;
+    if m > 0o777 {
+        return Err(format!("{s:?}: mode must be at most 0777"));
+    }
+    Ok(m)
+}
+
+fn parse_hex16(s: &str) -> Result<u16, String> {
+    let t = s.trim_start_matches("0x").trim_start_matches("0X");
+    u16::from_str_radix(t, 16).map_err(|e| format!("{s:?} is not a 16-bit hex value: {e}"))
+}
+
+fn make_device(dev: &DeviceArgs, dma: Arc<DmaSpace>) -> SharedPciDevice {
+    match dev {
+        DeviceArgs::Gpio { inputs } => {
+            info!("gpio: inputs = {inputs:#06x}");
+            Arc::new(Mutex::new(IdioGpioCard::new(dma, *inputs)))
+        }
+    }
+}
+
+fn device_name(dev: &DeviceArgs) -> &'static str {
+    match dev {
+        DeviceArgs::Gpio { .. } => "gpio",
+    }
+}
+
+/// Route SIGTERM and SIGINT to the event loop's stop eventfd.
+fn install_signal_handlers(stop_fd: i32) -> io::Result<()> {
+    use std::sync::atomic::{AtomicI32, Ordering};
+    static STOP_FD: AtomicI32 = AtomicI32::new(-1);
+    extern "C" fn on_signal(_: libc::c_int) {
+        let fd = STOP_FD.load(Ordering::SeqCst);
+        if fd >= 0 {
+            let one: u64 = 1;
+            // SAFETY: write(2) is async-signal-safe; `one` is a valid 8-byte buffer.
+            unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+        }
+    }
+    STOP_FD.store(stop_fd, Ordering::SeqCst);
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: a zeroed sigaction with a plain handler is valid; the handler only
+        // touches an atomic and calls write(2).
+        let r = unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as *const () as usize;
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut())
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    // A client that vanishes mid-send must not kill the daemon.
+    // SAFETY: ignoring SIGPIPE is always sound.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    Ok(())
+}
+
+fn serve(args: ServeArgs) -> Result<(), String> {
+    let Transport::VfioUser = args.transport;
+    let name = device_name(&args.device);
+    let dma = Arc::new(DmaSpace::new(args.max_dma_maps));
+    let device = make_device(&args.device, dma);
+    let config = ServerConfig {
+        max_msg_fds: args.max_msg_fds as usize,
+        max_data_xfer_size: args.max_data_xfer_size,
+        dma_rw_layout: match args.dma_rw_layout {
+            LayoutArg::Qemu => DmaRwLayout::Qemu,
+            LayoutArg::Spec => DmaRwLayout::Spec,
+        },
+        io_timeout: Duration::from_secs(args.io_timeout_secs.max(1)),
+    };
+    let (listener, shown): (UnixListener, String) = match (&args.socket_path, args.fd) {
+        (Some(path), _) => (
+            listener::bind(path, args.socket_mode).map_err(|e| e.to_string())?,
+            path.display().to_string(),
+        ),
+        (None, Some(fd)) => (
+            listener::from_fd(fd).map_err(|e| e.to_string())?,
+            format!("fd {fd}"),
+        ),
+        (None, None) => return Err("--socket-path or --fd is required".into()),
+    };
+    let server = VfioUserServer::new(name, listener, device, config)
+        .map_err(|e| format!("cannot start server: {e}"))?;
+    install_signal_handlers(server.stop_handle().as_raw_fd())
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    info!("{name}: vfio-user server listening on {shown}");
+    let result = server.run().map_err(|e| format!("server failed: {e}"));
+    if let Some(path) = &args.socket_path {
+        let _ = std::fs::remove_file(path);
+    }
+    result
+}
+
+fn demo() -> Result<(), String> {
+    let sock = std::env::current_dir()
+        .map_err(|e| e.to_string())?
+        .join("unidev-gpio.sock");
+    let inputs = 0xa5c3;
+    println!("unidev demo: a PCI-IDIO-16 GPIO card (inputs {inputs:#06x}) over vfio-user");
+    println!("socket: {}", sock.display());
+    println!("attach it to QEMU 10.1+ with:");
+    println!(
+        "  qemu-system-x86_64 -accel tcg -m 512M \\\n    -object memory-backend-memfd,id=mem,size=512M,share=on \\\n    -machine q35,memory-backend=mem \\\n    -device '{{\"driver\":\"vfio-user-pci\",\"socket\":{{\"path\":\"{}\",\"type\":\"unix\"}}}}' ...",
+        sock.display()
+    );
+    println!("in the guest: modprobe gpio-pci-idio-16; gpioget shows the inputs.");
+    println!("Ctrl-C stops the daemon.");
+    serve(ServeArgs {
+        transport: Transport::VfioUser,
+        socket_path: Some(sock),
+        fd: None,
+        socket_mode: 0o600,
+        max_dma_maps: unidev_core::memory::DEFAULT_MAX_MAPS,
+        max_msg_fds: 16,
+        max_data_xfer_size: 1 << 20,
+        dma_rw_layout: LayoutArg::Qemu,
+        io_timeout_secs: 10,
+        device: DeviceArgs::Gpio { inputs },
+    })
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Serve(args)) => serve(args),
+        None => demo(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            eprintln!("unidev: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -6,6 +6,7 @@
 //! * [`socket`] — framing, fds, limits.
 //! * [`session`] — one connection: commands translated into core calls.
 //! * [`server`] — the listening socket and the event loop, one client at a time.
+//! * [`client`] — the other end, as a library (tests, benchmarks, tools).
 //!
 //! Differences from the spec text, where QEMU wins (see `DmaRwLayout`): DMA_READ and
 //! DMA_WRITE payload layout, and DMA_WRITE's header-only reply. Twin-socket mode is not
@@ -14,11 +15,13 @@
 //!
 //! [`PciDevice`]: unidev_core::pci::PciDevice
 
+pub mod client;
 pub mod codec;
 pub mod server;
 pub mod session;
 pub mod socket;
 
+pub use client::VfioUserClient;
 pub use codec::DmaRwLayout;
 pub use server::VfioUserServer;
 pub use session::ServerConfig;
