@@ -18,8 +18,10 @@ use std::sync::Arc;
 use crate::irq::{Interrupts, IrqLayout};
 use crate::memory::DmaSpace;
 
-pub use config::{Bar, BarKind, Capability, ConfigSpace, ConfigSpaceBuilder};
-pub use msix::Msix;
+pub use config::{
+    Bar, BarKind, Capability, ConfigError, ConfigSpace, ConfigSpaceBuilder, ConfigWrite, MsiState,
+};
+pub use msix::{Msix, MsixEntry};
 
 /// A region of a PCI function, as a transport addresses it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
