@@ -1,1 +1,13 @@
+//! unidev-backends: device behaviour, written once against `unidev-core`'s contracts and
+//! carried by any transport.
+//!
+//! * [`gpio`] — an ACCES PCI-IDIO-16 compatible isolated digital I/O card, a full PCI
+//!   function (`unidev_core::pci::PciDevice`) that Linux's `gpio-pci-idio-16` driver
+//!   binds to.
+//!
+//! Backends never learn which transport carries them: they see configuration space and
+//! BAR accesses, raise interrupts through `unidev_core::irq::Interrupts`, and reach client
+//! memory through `unidev_core::memory::DmaSpace`.
+#![deny(missing_docs)]
 
+pub mod gpio;
