@@ -154,6 +154,18 @@ impl IdioGpioCard {
         self.update_intx();
     }
 
+    /// Enable the change-of-state interrupt, as the driver's read of offset 2 does.
+    pub fn enable_change_interrupt(&mut self) {
+        self.irq_enabled = true;
+        self.update_intx();
+    }
+
+    /// Same as [`enable_change_interrupt`](Self::enable_change_interrupt); the name the
+    /// vfio-user interop test uses.
+    pub fn enable_change_interrupt_for_test(&mut self) {
+        self.enable_change_interrupt();
+    }
+
     /// The input lines.
     pub fn inputs(&self) -> u16 {
         self.inputs
@@ -201,8 +213,7 @@ impl IdioGpioCard {
             reg::OUT0_7 => lo_out,
             reg::IN0_7 => lo_in,
             reg::IRQ_CTL => {
-                self.irq_enabled = true;
-                self.update_intx();
+                self.enable_change_interrupt();
                 FLOATING
             }
             reg::FILTER_CTL => {
@@ -503,6 +514,9 @@ mod tests {
             0,
             "disabled: no latch"
         );
+        // Re-enabling with the status still latched raises the line again.
+        c.enable_change_interrupt();
+        assert!(c.interrupts().intx_level());
     }
 
     #[test]
