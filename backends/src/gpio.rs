@@ -160,12 +160,6 @@ impl IdioGpioCard {
         self.update_intx();
     }
 
-    /// Same as [`enable_change_interrupt`](Self::enable_change_interrupt); the name the
-    /// vfio-user interop test uses.
-    pub fn enable_change_interrupt_for_test(&mut self) {
-        self.enable_change_interrupt();
-    }
-
     /// The input lines.
     pub fn inputs(&self) -> u16 {
         self.inputs

@@ -351,7 +351,10 @@ impl Interrupts {
             if which.is_some_and(|w| !w[i as usize]) {
                 continue;
             }
-            f(start + i, &mut st.lines[kind as usize][(start + i) as usize]);
+            f(
+                start + i,
+                &mut st.lines[kind as usize][(start + i) as usize],
+            );
         }
         Ok(())
     }
@@ -489,7 +492,8 @@ mod tests {
             fds.iter().map(|f| Some(f.try_clone().unwrap())).collect(),
         )
         .unwrap();
-        irqs.mask(IrqKind::Msix, 1, 2, Some(&[true, false])).unwrap();
+        irqs.mask(IrqKind::Msix, 1, 2, Some(&[true, false]))
+            .unwrap();
         assert!(!irqs.signal(IrqKind::Msix, 1));
         assert!(irqs.pending(IrqKind::Msix, 1));
         assert!(irqs.signal(IrqKind::Msix, 2));
@@ -503,7 +507,9 @@ mod tests {
     #[test]
     fn ranges_and_counts_are_checked() {
         let irqs = Interrupts::new(IrqLayout::pci(true, 0, 2));
-        assert!(irqs.set_eventfds(IrqKind::Msix, 1, vec![None, None]).is_err());
+        assert!(irqs
+            .set_eventfds(IrqKind::Msix, 1, vec![None, None])
+            .is_err());
         assert!(irqs.mask(IrqKind::Msi, 0, 1, None).is_err());
         assert!(irqs.trigger(IrqKind::Msix, u32::MAX, 2, None).is_err());
         assert!(irqs.trigger(IrqKind::Msix, 0, 2, Some(&[true])).is_err());
@@ -519,7 +525,8 @@ mod tests {
         let fd = efd();
         irqs.set_eventfds(IrqKind::Msi, 1, vec![Some(fd.try_clone().unwrap())])
             .unwrap();
-        irqs.trigger(IrqKind::Msi, 0, 2, Some(&[false, true])).unwrap();
+        irqs.trigger(IrqKind::Msi, 0, 2, Some(&[false, true]))
+            .unwrap();
         assert_eq!(fired(&fd), 1);
         irqs.disable(IrqKind::Msi);
         assert!(!irqs.has_eventfd(IrqKind::Msi, 1));

@@ -404,7 +404,10 @@ impl DmaSpace {
             Some(m) if m.size == size => {}
             _ => return Err(MemoryError::NoSuchMap { iova, size }),
         }
-        let removed = table.maps.remove(&iova).ok_or(MemoryError::NoSuchMap { iova, size })?;
+        let removed = table
+            .maps
+            .remove(&iova)
+            .ok_or(MemoryError::NoSuchMap { iova, size })?;
         if removed.has_fd() {
             table.stale = true;
             self.publish_locked(&mut table);
@@ -433,8 +436,11 @@ impl DmaSpace {
         if !table.stale {
             return false;
         }
-        let regions: Vec<Arc<GuestRegionMmap>> =
-            table.maps.values().filter_map(|m| m.region.clone()).collect();
+        let regions: Vec<Arc<GuestRegionMmap>> = table
+            .maps
+            .values()
+            .filter_map(|m| m.region.clone())
+            .collect();
         let mem = if regions.is_empty() {
             GuestMemoryMmap::new()
         } else {
@@ -624,7 +630,10 @@ mod tests {
         for i in 0..3 {
             s.map(anon(i * 0x1000, 0x1000)).unwrap();
         }
-        assert_eq!(s.map(anon(0x10000, 0x1000)).unwrap_err().errno(), libc::ENOSPC);
+        assert_eq!(
+            s.map(anon(0x10000, 0x1000)).unwrap_err().errno(),
+            libc::ENOSPC
+        );
         s.unmap(0, 0x1000).unwrap();
         s.map(anon(0x10000, 0x1000)).unwrap();
     }
@@ -661,7 +670,10 @@ mod tests {
         assert_eq!(&buf2, b"hello");
         s.unmap(0x100000, 0x2000).unwrap();
         assert_eq!(snap.memory().num_regions(), 0, "unmap publishes at once");
-        assert_eq!(s.read(0x100010, &mut buf).unwrap_err().errno(), libc::EFAULT);
+        assert_eq!(
+            s.read(0x100010, &mut buf).unwrap_err().errno(),
+            libc::EFAULT
+        );
     }
 
     #[test]
@@ -728,7 +740,10 @@ mod tests {
         for i in 0..DEFAULT_MAX_MAPS as u64 {
             s.map(anon(i * 0x2000, 0x1000)).unwrap();
         }
-        assert_eq!(s.map(anon(u64::MAX / 2, 1)).unwrap_err().errno(), libc::ENOSPC);
+        assert_eq!(
+            s.map(anon(u64::MAX / 2, 1)).unwrap_err().errno(),
+            libc::ENOSPC
+        );
         assert_eq!(s.find(0x2000 * 40000 + 5).unwrap().iova, 0x2000 * 40000);
         assert!(s.find(0x2000 * 40000 + 0x1000).is_none());
         assert_eq!(s.unmap_all(), DEFAULT_MAX_MAPS);

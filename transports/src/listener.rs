@@ -54,7 +54,13 @@ pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, ListenError> {
     }
     let dir = path
         .parent()
-        .map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p })
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                p
+            }
+        })
         .ok_or_else(|| ListenError::BadPath(path.to_path_buf()))?;
     let file = path
         .file_name()
@@ -144,7 +150,10 @@ mod tests {
         assert_eq!(mode, 0o600);
         drop(l1);
         let _l2 = bind(&p, 0o660).unwrap();
-        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o660);
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o660
+        );
         std::os::unix::net::UnixStream::connect(&p).unwrap();
         // No temporary names left behind.
         assert_eq!(std::fs::read_dir(&d).unwrap().count(), 1);
@@ -159,7 +168,10 @@ mod tests {
         assert_eq!(std::fs::read(&p).unwrap(), b"data");
         let dirp = d.join("adir");
         std::fs::create_dir(&dirp).unwrap();
-        assert!(matches!(bind(&dirp, 0o600), Err(ListenError::NotASocket(_))));
+        assert!(matches!(
+            bind(&dirp, 0o600),
+            Err(ListenError::NotASocket(_))
+        ));
     }
 
     #[test]
@@ -170,7 +182,10 @@ mod tests {
         let l = from_fd(fd).unwrap();
         drop(l);
         let f = std::fs::File::open("/dev/null").unwrap();
-        assert!(matches!(from_fd(f.as_raw_fd()), Err(ListenError::NotListening(_))));
+        assert!(matches!(
+            from_fd(f.as_raw_fd()),
+            Err(ListenError::NotListening(_))
+        ));
     }
     use std::os::fd::AsRawFd;
 }

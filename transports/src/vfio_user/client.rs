@@ -299,7 +299,8 @@ impl VfioUserClient {
                 index,
                 ..Default::default()
             };
-            let (p, mut fds) = self.call(Command::DeviceGetRegionInfo, &req.encode(), &[], false)?;
+            let (p, mut fds) =
+                self.call(Command::DeviceGetRegionInfo, &req.encode(), &[], false)?;
             let info = RegionInfoWire::decode(&p)?;
             if info.argsz > argsz {
                 argsz = info.argsz;
@@ -316,7 +317,9 @@ impl VfioUserClient {
                 fd: fds.pop(),
             });
         }
-        Err(ClientError::Protocol("region info argsz keeps growing".into()))
+        Err(ClientError::Protocol(
+            "region info argsz keeps growing".into(),
+        ))
     }
 
     /// DEVICE_GET_IRQ_INFO.
@@ -389,11 +392,22 @@ impl VfioUserClient {
     }
 
     /// REGION_WRITE posted with No_reply (as QEMU does for MMIO BARs).
-    pub fn region_write_posted(&mut self, region: u32, offset: u64, data: &[u8]) -> ClientResult<()> {
+    pub fn region_write_posted(
+        &mut self,
+        region: u32,
+        offset: u64,
+        data: &[u8],
+    ) -> ClientResult<()> {
         self.write_inner(region, offset, data, true)
     }
 
-    fn write_inner(&mut self, region: u32, offset: u64, data: &[u8], posted: bool) -> ClientResult<()> {
+    fn write_inner(
+        &mut self,
+        region: u32,
+        offset: u64,
+        data: &[u8],
+        posted: bool,
+    ) -> ClientResult<()> {
         let a = RegionAccess {
             offset,
             region,
@@ -414,7 +428,8 @@ impl VfioUserClient {
     ) -> ClientResult<()> {
         let m = DmaMapRequest {
             argsz: DmaMapRequest::SIZE as u32,
-            flags: if readable { DMA_MAP_READ } else { 0 } | if writable { DMA_MAP_WRITE } else { 0 },
+            flags: if readable { DMA_MAP_READ } else { 0 }
+                | if writable { DMA_MAP_WRITE } else { 0 },
             offset: fd.map(|f| f.1).unwrap_or(0),
             address: iova,
             size,

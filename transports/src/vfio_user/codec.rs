@@ -242,7 +242,9 @@ impl<'a> Reader<'a> {
             .pos
             .checked_add(n)
             .filter(|&e| e <= self.buf.len())
-            .ok_or_else(|| WireError::short(self.what, self.pos.saturating_add(n), self.buf.len()))?;
+            .ok_or_else(|| {
+                WireError::short(self.what, self.pos.saturating_add(n), self.buf.len())
+            })?;
         let s = &self.buf[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -916,7 +918,10 @@ mod tests {
             count: 4,
             data: [1, 2, 3, 4, 0, 0, 0, 0],
         };
-        assert_eq!(decode_write_multi(&encode_write_multi(&[e, e])).unwrap(), vec![e, e]);
+        assert_eq!(
+            decode_write_multi(&encode_write_multi(&[e, e])).unwrap(),
+            vec![e, e]
+        );
     }
 
     #[test]
@@ -930,7 +935,10 @@ mod tests {
             offset: 0,
         }
         .encode();
-        buf.extend(encode_sparse_mmap_cap(&[(0x1000, 0x1000), (0x3000, 0x1000)]));
+        buf.extend(encode_sparse_mmap_cap(&[
+            (0x1000, 0x1000),
+            (0x3000, 0x1000),
+        ]));
         assert_eq!(
             decode_sparse_mmap(&buf, 32).unwrap(),
             Some(vec![(0x1000, 0x1000), (0x3000, 0x1000)])
@@ -947,6 +955,9 @@ mod tests {
         assert_eq!((a, c, &d[..3]), (0x1000, 3, &[1u8, 2, 3][..]));
         let s = DmaRwLayout::Spec.encode(0x1000, 3, &[1, 2, 3]);
         assert_eq!(s.len(), 16 + 3);
-        assert_eq!(DmaRwLayout::Spec.decode(&s).unwrap(), (0x1000, 3, &[1u8, 2, 3][..]));
+        assert_eq!(
+            DmaRwLayout::Spec.decode(&s).unwrap(),
+            (0x1000, 3, &[1u8, 2, 3][..])
+        );
     }
 }

@@ -33,7 +33,8 @@ pub struct VfioUserServer {
 struct Attached {
     session: Mutex<Session>,
     irqs: Arc<Interrupts>,
-    inbox_token: Mutex<Option<Token>>,
+    /// The watches of the connection and its inbox.
+    tokens: Mutex<Vec<Token>>,
     unmask: Mutex<(u64, Vec<Token>)>,
 }
 
@@ -84,8 +85,24 @@ impl VfioUserServer {
                     }
                 };
                 if busy.load(Ordering::SeqCst) {
-                    warn!("{name}: refusing a second client while one is attached");
-                    return Control::Continue;
+                    // The attached client may have just closed; its hang-up can be
+                    // waiting behind this accept in the same epoll batch.
+                    let current = att.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    let gone = current.as_ref().is_some_and(|a| {
+                        a.session
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .finish_if_gone()
+                    });
+                    if !gone {
+                        warn!("{name}: refusing a second client while one is attached");
+                        return Control::Continue;
+                    }
+                    if let Some(a) = current {
+                        teardown(&a, ctx);
+                    }
+                    *att.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    busy.store(false, Ordering::SeqCst);
                 }
                 if let Err(e) = stream.set_nonblocking(false) {
                     warn!("{name}: {e}");
@@ -120,7 +137,7 @@ impl VfioUserServer {
                 let a = Arc::new(Attached {
                     session: Mutex::new(session),
                     irqs,
-                    inbox_token: Mutex::new(None),
+                    tokens: Mutex::new(Vec::new()),
                     unmask: Mutex::new((0, Vec::new())),
                 });
                 *att.lock().unwrap_or_else(|e| e.into_inner()) = Some(a.clone());
@@ -143,10 +160,9 @@ impl VfioUserServer {
                     }
                     Control::Continue
                 });
-                *a.inbox_token.lock().unwrap_or_else(|e| e.into_inner()) = Some(inbox_token);
 
                 let (a_sock, busy2, att2) = (a.clone(), busy.clone(), att.clone());
-                ctx.add(
+                let sock_token = ctx.add(
                     sock_fd,
                     epoll::Events::EPOLLIN | epoll::Events::EPOLLRDHUP,
                     move |ctx, _| {
@@ -162,9 +178,13 @@ impl VfioUserServer {
                         teardown(&a_sock, ctx);
                         *att2.lock().unwrap_or_else(|e| e.into_inner()) = None;
                         busy2.store(false, Ordering::SeqCst);
-                        Control::Remove
+                        Control::Continue
                     },
                 );
+                a.tokens
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .extend([inbox_token, sock_token]);
                 Control::Continue
             },
         )?;
@@ -172,10 +192,7 @@ impl VfioUserServer {
         let result = self.event_loop.run();
         let left = attached.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(a) = left {
-            a.session
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .close();
+            a.session.lock().unwrap_or_else(|e| e.into_inner()).close();
         }
         info!("{}: stopped", self.name);
         result
@@ -183,17 +200,14 @@ impl VfioUserServer {
 }
 
 fn teardown(a: &Attached, ctx: &mut LoopContext) {
-    if let Some(t) = a.inbox_token.lock().unwrap_or_else(|e| e.into_inner()).take() {
+    for t in a.tokens.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
         ctx.remove(t);
     }
     let mut um = a.unmask.lock().unwrap_or_else(|e| e.into_inner());
     for t in um.1.drain(..) {
         ctx.remove(t);
     }
-    a.session
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .close();
+    a.session.lock().unwrap_or_else(|e| e.into_inner()).close();
 }
 
 /// Watch the INTx unmask eventfds the client attached (ACTION_UNMASK with an eventfd),

@@ -107,13 +107,22 @@ pub(crate) struct ClientDmaPath {
 }
 
 impl ClientDmaPath {
-    fn transfer(&self, cmd: Command, iova: u64, len: usize, data: Option<&[u8]>, out: Option<&mut [u8]>) -> io::Result<()> {
+    fn transfer(
+        &self,
+        cmd: Command,
+        iova: u64,
+        len: usize,
+        data: Option<&[u8]>,
+        out: Option<&mut [u8]>,
+    ) -> io::Result<()> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let payload = self
-            .layout
-            .encode(iova, len as u32, data.unwrap_or(&[]));
+        let payload = self.layout.encode(iova, len as u32, data.unwrap_or(&[]));
         let header = Header::command(id, cmd, payload.len(), false);
-        let _rx = self.inbox.recv_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _rx = self
+            .inbox
+            .recv_lock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         self.sock.send(&header, &payload, &[])?;
         loop {
             let msg = match self.sock.recv() {
@@ -127,7 +136,11 @@ impl ClientDmaPath {
             let h = msg.header;
             if h.is_reply() && h.id == id && h.command == cmd as u16 {
                 if h.is_error() {
-                    let errno = if h.error == 0 { libc::EIO } else { h.error as i32 };
+                    let errno = if h.error == 0 {
+                        libc::EIO
+                    } else {
+                        h.error as i32
+                    };
                     return Err(io::Error::from_raw_os_error(errno));
                 }
                 if let Some(out) = out {
@@ -164,7 +177,13 @@ impl DmaMessagePath for ClientDmaPath {
         let chunk = self.chunk.max(1) as usize;
         for (i, part) in buf.chunks_mut(chunk).enumerate() {
             let len = part.len();
-            self.transfer(Command::DmaRead, iova + (i * chunk) as u64, len, None, Some(part))?;
+            self.transfer(
+                Command::DmaRead,
+                iova + (i * chunk) as u64,
+                len,
+                None,
+                Some(part),
+            )?;
         }
         Ok(())
     }
@@ -172,7 +191,13 @@ impl DmaMessagePath for ClientDmaPath {
     fn dma_write(&self, iova: u64, data: &[u8]) -> io::Result<()> {
         let chunk = self.chunk.max(1) as usize;
         for (i, part) in data.chunks(chunk).enumerate() {
-            self.transfer(Command::DmaWrite, iova + (i * chunk) as u64, part.len(), Some(part), None)?;
+            self.transfer(
+                Command::DmaWrite,
+                iova + (i * chunk) as u64,
+                part.len(),
+                Some(part),
+                None,
+            )?;
         }
         Ok(())
     }
@@ -264,7 +289,11 @@ impl Session {
             return SessionState::Closed;
         }
         let received = {
-            let _rx = self.inbox.recv_lock.lock().unwrap_or_else(|e| e.into_inner());
+            let _rx = self
+                .inbox
+                .recv_lock
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             self.sock.recv()
         };
         use super::socket::RecvError;
@@ -274,13 +303,27 @@ impl Session {
                 info!("{}: client disconnected", self.name);
                 return SessionState::Closed;
             }
-            Err(RecvError::TooBig { header, size, limit }) => {
-                warn!("{}: {header:?}: message of {size} bytes exceeds {limit}", self.name);
+            Err(RecvError::TooBig {
+                header,
+                size,
+                limit,
+            }) => {
+                warn!(
+                    "{}: {header:?}: message of {size} bytes exceeds {limit}",
+                    self.name
+                );
                 self.send_error(&header, libc::E2BIG);
                 return self.state();
             }
-            Err(RecvError::TooManyFds { header, count, limit }) => {
-                warn!("{}: {header:?}: {count} fds, at most {limit} allowed", self.name);
+            Err(RecvError::TooManyFds {
+                header,
+                count,
+                limit,
+            }) => {
+                warn!(
+                    "{}: {header:?}: {count} fds, at most {limit} allowed",
+                    self.name
+                );
                 self.send_error(&header, libc::EINVAL);
                 return self.state();
             }
@@ -319,7 +362,10 @@ impl Session {
     pub fn handle(&mut self, msg: Message) -> SessionState {
         let h = msg.header;
         if !h.is_command() {
-            warn!("{}: ignoring unexpected non-command message {h:?}", self.name);
+            warn!(
+                "{}: ignoring unexpected non-command message {h:?}",
+                self.name
+            );
             return self.state();
         }
         debug!("{}: <- {h:?}", self.name);
@@ -354,7 +400,11 @@ impl Session {
         // Only these commands may carry fds.
         let takes_fds = matches!(cmd, Command::DmaMap | Command::DeviceSetIrqs);
         if !takes_fds && !fds.is_empty() {
-            warn!("{}: {cmd:?} carried {} unexpected fds", self.name, fds.len());
+            warn!(
+                "{}: {cmd:?} carried {} unexpected fds",
+                self.name,
+                fds.len()
+            );
             return Outcome::Error(libc::EINVAL);
         }
         let result = match cmd {
@@ -401,7 +451,10 @@ impl Session {
         let major = self.parse(r.u16())?;
         let minor = self.parse(r.u16())?;
         if major != VERSION_MAJOR {
-            warn!("{}: client speaks vfio-user {major}.{minor}, we speak {VERSION_MAJOR}.x", self.name);
+            warn!(
+                "{}: client speaks vfio-user {major}.{minor}, we speak {VERSION_MAJOR}.x",
+                self.name
+            );
             return err(libc::ENOTSUP);
         }
         let json = r.rest();
@@ -510,7 +563,10 @@ impl Session {
                 backing,
             })
             .map_err(|e| self.memory_errno(e))?;
-        debug!("{}: mapped {:#x}+{:#x} {prot:?}", self.name, m.address, m.size);
+        debug!(
+            "{}: mapped {:#x}+{:#x} {prot:?}",
+            self.name, m.address, m.size
+        );
         Ok((vec![], vec![]))
     }
 
@@ -592,13 +648,18 @@ impl Session {
         if let (Some(mm), true) = (&info.mmap, info.size > 0) {
             flags |= REGION_INFO_FLAG_MMAP;
             offset = mm.file_offset;
-            let whole = mm.areas.len() == 1 && mm.areas[0].offset == 0 && mm.areas[0].size == info.size;
+            let whole =
+                mm.areas.len() == 1 && mm.areas[0].offset == 0 && mm.areas[0].size == info.size;
             if !whole {
                 flags |= REGION_INFO_FLAG_CAPS;
                 let areas: Vec<(u64, u64)> = mm.areas.iter().map(|a| (a.offset, a.size)).collect();
                 caps = encode_sparse_mmap_cap(&areas);
             }
-            fds.push(mm.file.try_clone().map_err(|e| e.raw_os_error().unwrap_or(libc::EMFILE))?);
+            fds.push(
+                mm.file
+                    .try_clone()
+                    .map_err(|e| e.raw_os_error().unwrap_or(libc::EMFILE))?,
+            );
         }
         let needed = (RegionInfoWire::SIZE + caps.len()) as u32;
         let fits = req.argsz >= needed;
@@ -606,7 +667,11 @@ impl Session {
             argsz: needed,
             flags,
             index: req.index,
-            cap_offset: if fits && !caps.is_empty() { RegionInfoWire::SIZE as u32 } else { 0 },
+            cap_offset: if fits && !caps.is_empty() {
+                RegionInfoWire::SIZE as u32
+            } else {
+                0
+            },
             size: info.size,
             offset,
         };
@@ -722,7 +787,12 @@ impl Session {
                     }
                     v
                 } else {
-                    warn!("{}: SET_IRQS count {} with {} fds", self.name, s.count, fds.len());
+                    warn!(
+                        "{}: SET_IRQS count {} with {} fds",
+                        self.name,
+                        s.count,
+                        fds.len()
+                    );
                     return err(libc::EINVAL);
                 };
                 match action {
@@ -736,7 +806,13 @@ impl Session {
         Ok((vec![], vec![]))
     }
 
-    fn access_check(&self, region: PciRegion, offset: u64, len: usize, write: bool) -> Result<(), i32> {
+    fn access_check(
+        &self,
+        region: PciRegion,
+        offset: u64,
+        len: usize,
+        write: bool,
+    ) -> Result<(), i32> {
         if len > self.config.max_data_xfer_size as usize {
             return err(libc::E2BIG);
         }
@@ -813,6 +889,25 @@ impl Session {
         Ok((vec![], vec![]))
     }
 
+    /// Handle whatever the client already sent, then report whether it has hung up.
+    /// Used when a new client knocks while this one looks attached: a client that sent
+    /// posted writes and closed still gets its writes applied, and then makes room.
+    pub fn finish_if_gone(&mut self) -> bool {
+        while self.sock.pending_bytes() > 0 {
+            if self.serve_one() == SessionState::Closed {
+                return true;
+            }
+        }
+        let mut pfd = libc::pollfd {
+            fd: self.sock.as_raw_fd(),
+            events: libc::POLLIN | libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: poll on one valid pollfd with a zero timeout.
+        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+        n > 0 && pfd.revents & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR) != 0
+    }
+
     /// Shut the connection down (the socket's handler then sees the hang-up).
     pub fn shutdown(&self) {
         let _ = self.sock.stream().shutdown(std::net::Shutdown::Both);
@@ -843,7 +938,9 @@ pub fn region_of(index: u32) -> Option<PciRegion> {
 /// A DMA map's fd must be a regular file (memfd, hugetlbfs, tmpfs) that holds the whole
 /// range: mapping past its end would turn a device access into SIGBUS.
 fn check_backing(file: &File, offset: u64, size: u64) -> Result<(), i32> {
-    let meta = file.metadata().map_err(|e| e.raw_os_error().unwrap_or(libc::EINVAL))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| e.raw_os_error().unwrap_or(libc::EINVAL))?;
     if !meta.file_type().is_file() {
         return err(libc::EINVAL);
     }

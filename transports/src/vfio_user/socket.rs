@@ -235,10 +235,7 @@ impl MessageSocket {
         let total = hbuf.len() + payload.len();
         // First sendmsg carries the fds; retry the rest without them.
         let mut sent = loop {
-            match self
-                .stream
-                .send_with_fds(&[&hbuf[..], payload], fds)
-            {
+            match self.stream.send_with_fds(&[&hbuf[..], payload], fds) {
                 Ok(n) => break n,
                 Err(e) if e.errno() == libc::EINTR => continue,
                 Err(e) => return Err(io::Error::from_raw_os_error(e.errno())),

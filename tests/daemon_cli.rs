@@ -1,0 +1,206 @@
+//! The daemon's command line and lifecycle: socket creation rules, socket activation,
+//! signals, and clear errors.
+
+mod common;
+
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::process::Command;
+
+use common::{test_dir, unidev_bin, Daemon};
+use unidev_transports::vfio_user::VfioUserClient;
+
+const CONFIG: u32 = 7;
+
+fn read_ids(sock: &std::path::Path) -> (u16, u16) {
+    let mut c = VfioUserClient::connect(sock).unwrap();
+    let mut b = [0u8; 4];
+    c.region_read(CONFIG, 0, &mut b).unwrap();
+    (
+        u16::from_le_bytes([b[0], b[1]]),
+        u16::from_le_bytes([b[2], b[3]]),
+    )
+}
+
+#[test]
+fn serves_gpio_with_mode_and_stops_cleanly_on_sigterm() {
+    let dir = test_dir("sigterm");
+    let sock = dir.join("gpio.sock");
+    let s = sock.to_str().unwrap();
+    let mut d = Daemon::serve(
+        &dir,
+        "d",
+        &sock,
+        &[
+            "serve",
+            "--transport",
+            "vfio-user",
+            "--socket-path",
+            s,
+            "--socket-mode",
+            "0640",
+            "gpio",
+            "--inputs",
+            "0x1234",
+        ],
+    );
+    let meta = std::fs::metadata(&sock).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o640);
+    assert_eq!(read_ids(&sock), (0x494f, 0x0dc8));
+    d.signal(libc::SIGTERM);
+    let st = d.wait(10);
+    assert!(st.success(), "exit status {st:?}; log:\n{}", d.log_text());
+    assert!(!sock.exists(), "socket removed on shutdown");
+    let log = d.log_text();
+    assert!(log.contains("gpio"), "log names the device:\n{log}");
+    assert!(
+        log.contains("client connected"),
+        "log names the connection:\n{log}"
+    );
+}
+
+#[test]
+fn sigint_also_stops_with_a_client_attached() {
+    let dir = test_dir("sigint");
+    let sock = dir.join("gpio.sock");
+    let mut d = Daemon::serve(
+        &dir,
+        "d",
+        &sock,
+        &[
+            "serve",
+            "--transport",
+            "vfio-user",
+            "--socket-path",
+            sock.to_str().unwrap(),
+            "gpio",
+        ],
+    );
+    let _client = VfioUserClient::connect(&sock).unwrap();
+    d.signal(libc::SIGINT);
+    assert!(d.wait(10).success());
+}
+
+#[test]
+fn replaces_a_stale_socket_but_refuses_other_files() {
+    let dir = test_dir("paths");
+    let sock = dir.join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    let _d = Daemon::serve(
+        &dir,
+        "d",
+        &sock,
+        &[
+            "serve",
+            "--transport",
+            "vfio-user",
+            "--socket-path",
+            sock.to_str().unwrap(),
+            "gpio",
+        ],
+    );
+    common::wait_for(10, "the socket to accept", || {
+        std::os::unix::net::UnixStream::connect(&sock).is_ok()
+    });
+    assert_eq!(read_ids(&sock).0, 0x494f);
+
+    let file = dir.join("notes.txt");
+    std::fs::write(&file, b"keep me").unwrap();
+    let out = Command::new(unidev_bin())
+        .args([
+            "serve",
+            "--transport",
+            "vfio-user",
+            "--socket-path",
+            file.to_str().unwrap(),
+            "gpio",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not a socket"),
+        "clear error expected, got:\n{err}"
+    );
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+}
+
+#[test]
+fn serves_an_inherited_listening_socket() {
+    let dir = test_dir("fd");
+    let sock = dir.join("act.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let fd = listener.as_raw_fd();
+    // Let the child inherit the listener at fd 3 (socket activation style).
+    let mut cmd = Command::new(unidev_bin());
+    cmd.args(["serve", "--transport", "vfio-user", "--fd", "3", "gpio"]);
+    // SAFETY: pre_exec runs in the forked child before exec; dup2 and fcntl are
+    // async-signal-safe.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(move || {
+            // dup2 onto itself keeps FD_CLOEXEC, so clear it explicitly.
+            if fd == 3 {
+                if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.stderr(std::process::Stdio::null()).spawn().unwrap();
+    drop(listener);
+    assert_eq!(read_ids(&sock), (0x494f, 0x0dc8));
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn bad_arguments_get_clear_errors() {
+    for (args, needle) in [
+        (
+            vec!["serve", "--transport", "vfio-user", "gpio"],
+            "socket-path",
+        ),
+        (
+            vec![
+                "serve",
+                "--transport",
+                "vfio-user",
+                "--socket-path",
+                "/tmp/x.sock",
+                "gpio",
+                "--inputs",
+                "xyz",
+            ],
+            "hex",
+        ),
+        (
+            vec!["serve", "--transport", "vfio-user", "--fd", "0", "gpio"],
+            "not a listening",
+        ),
+        (
+            vec![
+                "serve",
+                "--transport",
+                "carrier-pigeon",
+                "--socket-path",
+                "/tmp/x",
+                "gpio",
+            ],
+            "carrier-pigeon",
+        ),
+    ] {
+        let out = Command::new(unidev_bin()).args(&args).output().unwrap();
+        assert!(!out.status.success(), "{args:?} should fail");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(needle),
+            "{args:?}: expected {needle:?} in:\n{err}"
+        );
+    }
+}
