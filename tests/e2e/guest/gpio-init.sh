@@ -26,10 +26,20 @@ done
 base=$(cat "$chip/base")
 e2e_log "gpiochip $chip base $base ngpio $(cat "$chip/ngpio")"
 
-line() { # line N -> sysfs dir of gpio base+N, exported
-    _n=$((base + $1))
-    [ -d "/sys/class/gpio/gpio$_n" ] || echo "$_n" >/sys/class/gpio/export
-    echo "/sys/class/gpio/gpio$_n"
+# line N -> sysfs dir of line N, exported. The driver names its lines (OUT0-15 are
+# lines 0-15, IIN0-15 lines 16-31), and sysfs names exported lines after them.
+line() {
+    if [ "$1" -lt 16 ]; then _name=OUT$1; else _name=IIN$(($1 - 16)); fi
+    for _d in "/sys/class/gpio/$_name" "/sys/class/gpio/gpio$((base + $1))"; do
+        [ -d "$_d" ] && { echo "$_d"; return; }
+    done
+    echo $((base + $1)) >/sys/class/gpio/export
+    for _d in "/sys/class/gpio/$_name" "/sys/class/gpio/gpio$((base + $1))"; do
+        [ -d "$_d" ] && { echo "$_d"; return; }
+    done
+    e2e_fail export "line $1 ($_name) did not appear in /sys/class/gpio"
+    ls /sys/class/gpio >&2
+    exit 1
 }
 
 got=0
