@@ -221,7 +221,7 @@ impl Msix {
     fn entry_masked(&self, v: usize) -> bool {
         self.table
             .get(v * ENTRY_SIZE as usize + VECTOR_CONTROL)
-            .map_or(true, |b| b & VECTOR_MASKED != 0)
+            .is_none_or(|b| b & VECTOR_MASKED != 0)
     }
 
     fn set_pending_bit(&mut self, v: usize, pending: bool) {
