@@ -131,7 +131,12 @@ struct State {
 pub struct Interrupts {
     layout: IrqLayout,
     state: Mutex<State>,
+    listeners: Mutex<Vec<EventfdListener>>,
 }
+
+/// Called (outside any lock) after the trigger eventfds of a kind changed, so a device
+/// can hand the new eventfds to whatever signals them directly (a vring's call fd).
+pub type EventfdListener = std::sync::Arc<dyn Fn(IrqKind) + Send + Sync>;
 
 impl std::fmt::Debug for Interrupts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -162,6 +167,26 @@ impl Interrupts {
                 intx_level: false,
                 unmask_generation: 0,
             }),
+            listeners: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Call `listener` whenever trigger eventfds are attached or detached.
+    pub fn subscribe(&self, listener: EventfdListener) {
+        self.listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(listener);
+    }
+
+    fn eventfds_changed(&self, kind: IrqKind) {
+        let listeners = self
+            .listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for l in listeners {
+            l(kind);
         }
     }
 
@@ -206,25 +231,31 @@ impl Interrupts {
         fds: Vec<Option<EventFd>>,
     ) -> Result<(), IrqError> {
         self.check(kind, start, fds.len() as u32)?;
-        let mut st = self.lock();
-        for (i, fd) in fds.into_iter().enumerate() {
-            st.lines[kind as usize][start as usize + i].trigger = fd;
+        {
+            let mut st = self.lock();
+            for (i, fd) in fds.into_iter().enumerate() {
+                st.lines[kind as usize][start as usize + i].trigger = fd;
+            }
+            // A level that is already high reaches a freshly attached INTx eventfd.
+            if kind == IrqKind::Intx {
+                Self::deliver_intx(&mut st);
+            }
         }
-        // A level that is already high reaches a freshly attached INTx eventfd.
-        if kind == IrqKind::Intx {
-            Self::deliver_intx(&mut st);
-        }
+        self.eventfds_changed(kind);
         Ok(())
     }
 
     /// Detach every eventfd of `kind` (VFIO: DATA_NONE|ACTION_TRIGGER with count 0),
     /// and clear masks and pending bits.
     pub fn disable(&self, kind: IrqKind) {
-        let mut st = self.lock();
-        for line in st.lines[kind as usize].iter_mut() {
-            *line = Line::default();
+        {
+            let mut st = self.lock();
+            for line in st.lines[kind as usize].iter_mut() {
+                *line = Line::default();
+            }
+            st.unmask_generation += 1;
         }
-        st.unmask_generation += 1;
+        self.eventfds_changed(kind);
     }
 
     /// Detach every eventfd of every kind (client gone) and reset masks.

@@ -233,8 +233,12 @@ pub struct DmaSpace {
     table: Mutex<MapTable>,
     snapshot: GuestMemorySnapshot,
     message_path: RwLock<Option<Arc<dyn DmaMessagePath>>>,
+    listeners: RwLock<Vec<MemoryListener>>,
     max_maps: usize,
 }
+
+/// Called after the snapshot changed (a backend's `update_memory`, for instance).
+pub type MemoryListener = Arc<dyn Fn(&GuestMemorySnapshot) + Send + Sync>;
 
 impl Default for DmaSpace {
     fn default() -> Self {
@@ -258,6 +262,7 @@ impl DmaSpace {
             table: Mutex::new(MapTable::default()),
             snapshot: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
             message_path: RwLock::new(None),
+            listeners: RwLock::new(Vec::new()),
             max_maps,
         }
     }
@@ -286,6 +291,26 @@ impl DmaSpace {
     /// The snapshot handle workers keep; `memory()` on it is lock-free.
     pub fn snapshot(&self) -> GuestMemorySnapshot {
         self.snapshot.clone()
+    }
+
+    /// Call `listener` after every change of the snapshot (vhost-user-backend's daemon
+    /// calls `update_memory` on every memory-table change; devices do the same here).
+    pub fn subscribe(&self, listener: MemoryListener) {
+        self.listeners
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(listener);
+    }
+
+    fn notify_listeners(&self) {
+        let listeners = self
+            .listeners
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for l in listeners {
+            l(&self.snapshot);
+        }
     }
 
     /// Attach (or detach with `None`) the transport's path for maps without an fd.
@@ -421,7 +446,11 @@ impl DmaSpace {
         let n = table.maps.len();
         table.maps.clear();
         table.stale = true;
-        self.publish_locked(&mut table);
+        let changed = self.publish_locked(&mut table);
+        drop(table);
+        if changed {
+            self.notify_listeners();
+        }
         n
     }
 
@@ -429,7 +458,12 @@ impl DmaSpace {
     /// Returns whether the snapshot changed (backends then get `update_memory`).
     pub fn publish(&self) -> bool {
         let mut table = self.lock_table();
-        self.publish_locked(&mut table)
+        let changed = self.publish_locked(&mut table);
+        drop(table);
+        if changed {
+            self.notify_listeners();
+        }
+        changed
     }
 
     fn publish_locked(&self, table: &mut MapTable) -> bool {
