@@ -4,6 +4,8 @@
 //! * [`pci`] — PCI functions: config space, capabilities, BARs, MSI-X, the device trait.
 //! * [`irq`] — eventfd-backed interrupt lines (INTx, MSI, MSI-X, ERR, REQ).
 //! * [`dispatch`] — the epoll event loop transports and device workers share.
+//! * [`virtio`] — virtio devices: any `VhostUserBackend` on the shared dispatch, and
+//!   the virtio-pci function that exports it to PCI transports.
 //!
 //! The core knows no wire protocol: transports translate their messages into calls on
 //! these types, and backends implement devices against them without knowing which
@@ -14,3 +16,4 @@ pub mod dispatch;
 pub mod irq;
 pub mod memory;
 pub mod pci;
+pub mod virtio;
