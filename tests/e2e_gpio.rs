@@ -5,27 +5,7 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
-
-use common::{test_dir, Daemon};
-
-fn e2e(script: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/e2e")
-        .join(script)
-}
-
-fn run(cmd: &mut Command, what: &str) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
-    assert!(
-        out.status.success(),
-        "{what} failed ({}):\n{}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use common::{run_guest, test_dir, vfio_user_device, Daemon};
 
 #[test]
 fn linux_gpio_driver_binds_reads_inputs_and_writes_outputs() {
@@ -47,47 +27,21 @@ fn linux_gpio_driver_binds_reads_inputs_and_writes_outputs() {
             &format!("{inputs:#06x}"),
         ],
     );
-    let initrd = dir.join("gpio.cpio.gz");
-    run(
-        Command::new("bash")
-            .arg(e2e("mkinitramfs.sh"))
-            .arg(&initrd)
-            .args([
-                "--modules",
-                "gpio-pci-idio-16",
-                "--init",
-                e2e("guest/gpio-init.sh").to_str().unwrap(),
-            ]),
-        "mkinitramfs",
+    let guest = run_guest(
+        &dir,
+        "gpio-init.sh",
+        "gpio-pci-idio-16",
+        &format!("unidev.inputs={inputs:#06x} unidev.outputs={outputs:#06x}"),
+        &[vfio_user_device(&sock)],
     );
-    let log = dir.join("guest.log");
-    let device = format!(
-        r#"{{"driver":"vfio-user-pci","socket":{{"path":"{}","type":"unix"}}}}"#,
-        sock.display()
-    );
-    let status = Command::new("bash")
-        .arg(e2e("run-qemu.sh"))
-        .args(["--initramfs", initrd.to_str().unwrap()])
-        .args(["--timeout", "180", "--log", log.to_str().unwrap()])
-        .args(["--share", dir.to_str().unwrap()])
-        .args([
-            "--append",
-            &format!("unidev.inputs={inputs:#06x} unidev.outputs={outputs:#06x}"),
-        ])
-        .args(["--", "-device", &device])
-        .status()
-        .unwrap();
-    let guest = std::fs::read_to_string(&log).unwrap_or_default();
     let daemon_log = daemon.log_text();
     assert!(
-        status.success(),
-        "guest failed ({status}).\n--- guest log ---\n{guest}\n--- daemon log ---\n{daemon_log}"
+        guest.success,
+        "guest failed.\n--- guest log ---\n{}\n--- daemon log ---\n{daemon_log}",
+        guest.log
     );
     for check in ["driver-bound", "inputs-match", "outputs-written"] {
-        assert!(
-            guest.contains(&format!("PASS {check}")),
-            "{check} did not pass:\n{guest}"
-        );
+        assert!(guest.passed(check), "{check} did not pass:\n{}", guest.log);
     }
     // The guest's output writes reached the daemon.
     let want = format!("outputs = {outputs:#06x}");

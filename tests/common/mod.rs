@@ -97,3 +97,80 @@ impl Drop for Daemon {
         let _ = self.child.wait();
     }
 }
+
+/// A script of the end-to-end harness (tests/e2e).
+pub fn e2e_script(script: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/e2e")
+        .join(script)
+}
+
+/// A guest run's outcome: whether the harness reported success, and the console log.
+pub struct GuestRun {
+    pub success: bool,
+    pub log: String,
+}
+
+impl GuestRun {
+    /// Whether the guest reported `PASS check`.
+    pub fn passed(&self, check: &str) -> bool {
+        self.log.contains(&format!("PASS {check}"))
+    }
+
+    /// The value of a `KEY value` line the guest printed.
+    pub fn value(&self, key: &str) -> Option<String> {
+        self.log.lines().find_map(|l| {
+            let i = l.find(key)?;
+            Some(l[i + key.len()..].trim().to_string())
+        })
+    }
+}
+
+/// Boot the e2e guest with `init` (a script under tests/e2e/guest), `modules`, extra
+/// kernel arguments and QEMU `-device` JSON strings; `dir` is shared into QEMU's root so
+/// socket paths under it work unchanged.
+pub fn run_guest(dir: &Path, init: &str, modules: &str, append: &str, devices: &[String]) -> GuestRun {
+    let initrd = dir.join(format!("{init}.cpio.gz"));
+    let out = Command::new("bash")
+        .arg(e2e_script("mkinitramfs.sh"))
+        .arg(&initrd)
+        .args(["--modules", modules, "--init"])
+        .arg(e2e_script("guest").join(init))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "mkinitramfs failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = dir.join(format!("{init}.log"));
+    let mut cmd = Command::new("bash");
+    cmd.arg(e2e_script("run-qemu.sh"))
+        .arg("--initramfs")
+        .arg(&initrd)
+        .args(["--timeout", "180", "--log"])
+        .arg(&log)
+        .arg("--share")
+        .arg(dir);
+    if !append.is_empty() {
+        cmd.args(["--append", append]);
+    }
+    cmd.arg("--");
+    for d in devices {
+        cmd.args(["-device", d]);
+    }
+    let status = cmd.status().unwrap();
+    GuestRun {
+        success: status.success(),
+        log: std::fs::read_to_string(&log).unwrap_or_default(),
+    }
+}
+
+/// QEMU's vfio-user-pci device for a socket.
+pub fn vfio_user_device(sock: &Path) -> String {
+    format!(
+        r#"{{"driver":"vfio-user-pci","socket":{{"path":"{}","type":"unix"}}}}"#,
+        sock.display()
+    )
+}
