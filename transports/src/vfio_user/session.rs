@@ -651,7 +651,6 @@ impl Session {
             let whole =
                 mm.areas.len() == 1 && mm.areas[0].offset == 0 && mm.areas[0].size == info.size;
             if !whole {
-                flags |= REGION_INFO_FLAG_CAPS;
                 let areas: Vec<(u64, u64)> = mm.areas.iter().map(|a| (a.offset, a.size)).collect();
                 caps = encode_sparse_mmap_cap(&areas);
             }
@@ -663,6 +662,12 @@ impl Session {
         }
         let needed = (RegionInfoWire::SIZE + caps.len()) as u32;
         let fits = req.argsz >= needed;
+        // CAPS means "capabilities found in the reply" (spec); QEMU's client fails a
+        // reply that sets it with a cap_offset outside the payload, before it would
+        // retry with the larger argsz.
+        if fits && !caps.is_empty() {
+            flags |= REGION_INFO_FLAG_CAPS;
+        }
         let reply = RegionInfoWire {
             argsz: needed,
             flags,
