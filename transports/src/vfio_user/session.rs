@@ -514,7 +514,8 @@ impl Session {
             wake: self.inbox_wake.try_clone().map_err(|_| libc::ENOMEM)?,
             next_id: AtomicU16::new(0),
             layout: self.config.dma_rw_layout,
-            chunk: caps.max_data_xfer_size,
+            // A DMA_READ reply carries `count` bytes to us: bounded by our own limit too.
+            chunk: caps.max_data_xfer_size.min(self.config.max_data_xfer_size),
         })));
         Ok((w.finish(), vec![]))
     }
