@@ -275,10 +275,17 @@ impl Session {
     /// Handle messages parked by DMA requesters.
     pub fn drain_inbox(&mut self) -> SessionState {
         let _ = self.inbox_wake.read();
+        let mut handled = false;
         while let Some(msg) = self.parked() {
+            handled = true;
             if self.handle(msg) == SessionState::Closed {
                 return SessionState::Closed;
             }
+        }
+        // Parked DMA maps are published like those read from the socket: once the
+        // client's burst is consumed (otherwise the next `serve_one` does it).
+        if handled && self.sock.pending_bytes() == 0 {
+            self.dma.publish();
         }
         SessionState::Open
     }
