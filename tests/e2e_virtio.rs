@@ -16,7 +16,9 @@ fn linux_virtio_blk_over_vfio_user() {
     // 64 MiB of a recognizable pattern, and the host's marker at 1 MiB.
     {
         let mut f = std::fs::File::create(&image).unwrap();
-        let block: Vec<u8> = (0..1024 * 1024u32).map(|i| (i * 7 + i / 4096) as u8).collect();
+        let block: Vec<u8> = (0..1024 * 1024u32)
+            .map(|i| (i * 7 + i / 4096) as u8)
+            .collect();
         for _ in 0..64 {
             f.write_all(&block).unwrap();
         }
@@ -50,10 +52,21 @@ fn linux_virtio_blk_over_vfio_user() {
             image.to_str().unwrap(),
         ],
     );
-    let guest = run_guest(&dir, "virtio-blk-init.sh", "virtio_blk", "", &[vfio_user_device(&sock)]);
+    let guest = run_guest(
+        &dir,
+        "virtio-blk-init.sh",
+        "virtio_blk",
+        "",
+        &[vfio_user_device(&sock)],
+    );
     drop(daemon);
     assert!(guest.success, "guest failed:\n{}", guest.log);
-    for check in ["vda-present", "host-marker-read", "guest-marker-written", "sequential-16m"] {
+    for check in [
+        "vda-present",
+        "host-marker-read",
+        "guest-marker-written",
+        "sequential-16m",
+    ] {
         assert!(guest.passed(check), "{check} did not pass:\n{}", guest.log);
     }
     assert_eq!(
@@ -65,7 +78,10 @@ fn linux_virtio_blk_over_vfio_user() {
     f.seek(SeekFrom::Start(2 << 20)).unwrap();
     let mut got = [0u8; 19];
     f.read_exact(&mut got).unwrap();
-    assert_eq!(&got, b"UNIDEV-GUEST-MARKER", "the guest's synced write is in the image");
+    assert_eq!(
+        &got, b"UNIDEV-GUEST-MARKER",
+        "the guest's synced write is in the image"
+    );
 }
 
 #[test]
@@ -76,9 +92,22 @@ fn linux_virtio_rng_over_vfio_user() {
         &dir,
         "unidev",
         &sock,
-        &["serve", "--transport", "vfio-user", "--socket-path", sock.to_str().unwrap(), "virtio-rng"],
+        &[
+            "serve",
+            "--transport",
+            "vfio-user",
+            "--socket-path",
+            sock.to_str().unwrap(),
+            "virtio-rng",
+        ],
     );
-    let guest = run_guest(&dir, "virtio-rng-init.sh", "virtio-rng", "", &[vfio_user_device(&sock)]);
+    let guest = run_guest(
+        &dir,
+        "virtio-rng-init.sh",
+        "virtio-rng",
+        "",
+        &[vfio_user_device(&sock)],
+    );
     assert!(guest.success, "guest failed:\n{}", guest.log);
     for check in ["rng-current-virtio", "hwrng-bytes", "hwrng-random"] {
         assert!(guest.passed(check), "{check} did not pass:\n{}", guest.log);

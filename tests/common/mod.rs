@@ -129,7 +129,13 @@ impl GuestRun {
 /// Boot the e2e guest with `init` (a script under tests/e2e/guest), `modules`, extra
 /// kernel arguments and QEMU `-device` JSON strings; `dir` is shared into QEMU's root so
 /// socket paths under it work unchanged.
-pub fn run_guest(dir: &Path, init: &str, modules: &str, append: &str, devices: &[String]) -> GuestRun {
+pub fn run_guest(
+    dir: &Path,
+    init: &str,
+    modules: &str,
+    append: &str,
+    devices: &[String],
+) -> GuestRun {
     let initrd = dir.join(format!("{init}.cpio.gz"));
     let out = Command::new("bash")
         .arg(e2e_script("mkinitramfs.sh"))
