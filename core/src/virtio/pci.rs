@@ -745,20 +745,26 @@ impl VirtioPci {
         true
     }
 
-    fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]) -> Result<(), AccessError> {
+    /// Check that an access lies inside one of our BARs.
+    fn check_bar(bar: u8, offset: u64, len: usize) -> Result<(), AccessError> {
         let size = match bar {
             MSIX_BAR => MSIX_BAR_SIZE,
             VIRTIO_BAR => VIRTIO_BAR_SIZE,
             _ => return Err(AccessError::NotPermitted(PciRegion::Bar(bar))),
         };
-        if offset.saturating_add(data.len() as u64) > size {
+        if offset.saturating_add(len as u64) > size {
             return Err(AccessError::OutOfRange {
                 region: PciRegion::Bar(bar),
                 offset,
-                len: data.len(),
+                len,
                 size,
             });
         }
+        Ok(())
+    }
+
+    fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]) -> Result<(), AccessError> {
+        Self::check_bar(bar, offset, data.len())?;
         if bar == MSIX_BAR {
             self.msix_read(offset, data);
             Ok(())
@@ -768,19 +774,7 @@ impl VirtioPci {
     }
 
     fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]) -> Result<(), AccessError> {
-        let size = match bar {
-            MSIX_BAR => MSIX_BAR_SIZE,
-            VIRTIO_BAR => VIRTIO_BAR_SIZE,
-            _ => return Err(AccessError::NotPermitted(PciRegion::Bar(bar))),
-        };
-        if offset.saturating_add(data.len() as u64) > size {
-            return Err(AccessError::OutOfRange {
-                region: PciRegion::Bar(bar),
-                offset,
-                len: data.len(),
-                size,
-            });
-        }
+        Self::check_bar(bar, offset, data.len())?;
         if bar == MSIX_BAR {
             self.msix_write(offset, data);
             Ok(())
