@@ -412,11 +412,14 @@ where
         vring
             .set_queue_info(c.desc, c.avail, c.used)
             .map_err(|_| QueueError::BadRings(index))?;
+        // virtio-queue only validates a queue marked ready.
+        vring.set_queue_ready(true);
         let valid = {
             let mem = self.snapshot.memory();
             vring.get_ref().get_queue().is_valid(&*mem)
         };
         if !valid {
+            vring.set_queue_ready(false);
             return Err(QueueError::BadRings(index));
         }
         vring.set_queue_next_avail(c.next_avail);
@@ -425,7 +428,6 @@ where
         // The fd registered below is the vring's own copy: it stays open while started.
         vring.set_kick(Some(eventfd_into_file(c.kick)));
         vring.set_call(c.call.map(eventfd_into_file));
-        vring.set_queue_ready(true);
         vring.set_enabled(true);
         let reg_fd = vring
             .get_ref()
