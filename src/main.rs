@@ -1,8 +1,8 @@
 //! `unidev`: the device daemon.
 //!
 //! `unidev serve --transport vfio-user --socket-path PATH [options] <DEVICE> [device
-//! options]` exports one device; `unidev` alone starts the default demo (a GPIO card on
-//! `./unidev-gpio.sock`) and prints the QEMU command line that attaches it.
+//! options]` exports one device; `unidev` alone starts the default demo (a virtio-blk on
+//! a scratch image, on `./unidev-blk.sock`) and prints the QEMU command line for it.
 
 use std::io;
 use std::os::unix::net::UnixListener;
@@ -14,8 +14,11 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use log::{error, info};
 use unidev_backends::gpio::IdioGpioCard;
+use unidev_backends::virtio_blk::{BlkOptions, VirtioBlk};
+use unidev_backends::virtio_rng::VirtioRng;
 use unidev_core::memory::DmaSpace;
 use unidev_core::pci::SharedPciDevice;
+use unidev_core::virtio::{DispatchOptions, LocalVirtio, VirtioPci, VirtioPciOptions};
 use unidev_transports::listener;
 use unidev_transports::vfio_user::{DmaRwLayout, ServerConfig, VfioUserServer};
 
@@ -25,8 +28,8 @@ use unidev_transports::vfio_user::{DmaRwLayout, ServerConfig, VfioUserServer};
     version,
     about = "Run devices outside the VMM: one device model, many transports",
     long_about = "Run devices outside the VMM. Without a subcommand, serves the demo \
-                  device (a PCI-IDIO-16 GPIO card) over vfio-user on ./unidev-gpio.sock \
-                  and prints the QEMU command line that attaches it."
+                  device (virtio-blk on ./unidev-scratch.img) over vfio-user on \
+                  ./unidev-blk.sock and prints the QEMU command line that attaches it."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -94,6 +97,51 @@ enum DeviceArgs {
         #[arg(long, default_value = "0", value_parser = parse_hex16)]
         inputs: u16,
     },
+    /// A virtio block device on a raw image file or block device.
+    VirtioBlk {
+        /// The image file or block device.
+        #[arg(long)]
+        file: PathBuf,
+        /// Refuse writes (the device advertises VIRTIO_BLK_F_RO).
+        #[arg(long)]
+        readonly: bool,
+        /// Number of request queues (one worker thread each).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+        queues: u16,
+        /// Open the file with O_DIRECT.
+        #[arg(long)]
+        direct: bool,
+        /// Logical block size in bytes.
+        #[arg(long, default_value_t = 512, value_parser = parse_block_size)]
+        block_size: u32,
+        #[command(flatten)]
+        virtio: VirtioArgs,
+    },
+    /// A virtio entropy device fed from the OS random source.
+    VirtioRng {
+        #[command(flatten)]
+        virtio: VirtioArgs,
+    },
+}
+
+/// Options every virtio device takes.
+#[derive(Args, Clone, Copy)]
+struct VirtioArgs {
+    /// Adaptive polling: after handling a queue, poll it this many microseconds before
+    /// sleeping (0: off).
+    #[arg(long, default_value_t = 0)]
+    poll_us: u64,
+    /// Make the notify area mappable (the driver's notifications then go to shared
+    /// memory) and poll the queues continuously (one busy core per worker).
+    #[arg(long)]
+    notify_mmap: bool,
+}
+
+fn parse_block_size(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(n @ (512 | 4096)) => Ok(n),
+        _ => Err(format!("{s:?}: the logical block size must be 512 or 4096")),
+    }
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -110,18 +158,87 @@ fn parse_hex16(s: &str) -> Result<u16, String> {
     u16::from_str_radix(t, 16).map_err(|e| format!("{s:?} is not a 16-bit hex value: {e}"))
 }
 
-fn make_device(dev: &DeviceArgs, dma: Arc<DmaSpace>) -> SharedPciDevice {
+fn virtio_pci<B>(
+    name: &str,
+    device_type: u32,
+    backend: B,
+    dma: Arc<DmaSpace>,
+    v: &VirtioArgs,
+) -> Result<SharedPciDevice, String>
+where
+    B: vhost_user_backend::VhostUserBackend<Bitmap = (), Vring = vhost_user_backend::VringRwLock>
+        + Clone
+        + 'static,
+{
+    let local = LocalVirtio::new(
+        device_type,
+        backend,
+        &dma,
+        DispatchOptions {
+            poll: Duration::from_micros(v.poll_us),
+            busy: v.notify_mmap,
+        },
+    )
+    .map_err(|e| format!("{name}: cannot start queues: {e}"))?;
+    let pci = VirtioPci::new(
+        name,
+        local,
+        dma,
+        VirtioPciOptions {
+            notify_mmap: v.notify_mmap,
+        },
+    )
+    .map_err(|e| format!("{name}: {e}"))?;
+    Ok(Arc::new(Mutex::new(pci)))
+}
+
+fn make_device(dev: &DeviceArgs, dma: Arc<DmaSpace>) -> Result<SharedPciDevice, String> {
     match dev {
         DeviceArgs::Gpio { inputs } => {
             info!("gpio: inputs = {inputs:#06x}");
-            Arc::new(Mutex::new(IdioGpioCard::new(dma, *inputs)))
+            Ok(Arc::new(Mutex::new(IdioGpioCard::new(dma, *inputs))))
+        }
+        DeviceArgs::VirtioBlk {
+            file,
+            readonly,
+            queues,
+            direct,
+            block_size,
+            virtio,
+        } => {
+            let blk = VirtioBlk::new(BlkOptions {
+                path: file.clone(),
+                readonly: *readonly,
+                queues: *queues,
+                direct: *direct,
+                logical_block_size: *block_size,
+                ..BlkOptions::default()
+            })
+            .map_err(|e| format!("virtio-blk: {}: {e}", file.display()))?;
+            info!(
+                "virtio-blk: {} ({} queue(s){}{})",
+                file.display(),
+                queues,
+                if *readonly { ", read-only" } else { "" },
+                if *direct { ", O_DIRECT" } else { "" }
+            );
+            virtio_pci("virtio-blk", VIRTIO_ID_BLOCK, Arc::new(blk), dma, virtio)
+        }
+        DeviceArgs::VirtioRng { virtio } => {
+            let rng = VirtioRng::new().map_err(|e| format!("virtio-rng: {e}"))?;
+            virtio_pci("virtio-rng", VIRTIO_ID_RNG, Arc::new(rng), dma, virtio)
         }
     }
 }
 
+const VIRTIO_ID_BLOCK: u32 = 2;
+const VIRTIO_ID_RNG: u32 = 4;
+
 fn device_name(dev: &DeviceArgs) -> &'static str {
     match dev {
         DeviceArgs::Gpio { .. } => "gpio",
+        DeviceArgs::VirtioBlk { .. } => "virtio-blk",
+        DeviceArgs::VirtioRng { .. } => "virtio-rng",
     }
 }
 
@@ -162,7 +279,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     let Transport::VfioUser = args.transport;
     let name = device_name(&args.device);
     let dma = Arc::new(DmaSpace::new(args.max_dma_maps));
-    let device = make_device(&args.device, dma);
+    let device = make_device(&args.device, dma)?;
     let config = ServerConfig {
         max_msg_fds: args.max_msg_fds as usize,
         max_data_xfer_size: args.max_data_xfer_size,
@@ -196,19 +313,26 @@ fn serve(args: ServeArgs) -> Result<(), String> {
 }
 
 fn demo() -> Result<(), String> {
-    let sock = std::env::current_dir()
-        .map_err(|e| e.to_string())?
-        .join("unidev-gpio.sock");
-    let inputs = 0xa5c3;
-    println!("unidev demo: a PCI-IDIO-16 GPIO card (inputs {inputs:#06x}) over vfio-user");
+    let here = std::env::current_dir().map_err(|e| e.to_string())?;
+    let sock = here.join("unidev-blk.sock");
+    let image = here.join("unidev-scratch.img");
+    if !image.exists() {
+        let f = std::fs::File::create(&image)
+            .map_err(|e| format!("cannot create {}: {e}", image.display()))?;
+        f.set_len(64 << 20)
+            .map_err(|e| format!("cannot size {}: {e}", image.display()))?;
+    }
+    println!(
+        "unidev demo: virtio-blk on {} (64 MiB scratch image) over vfio-user",
+        image.display()
+    );
     println!("socket: {}", sock.display());
-    println!("attach it to QEMU 10.1+ with:");
+    println!("attach it to QEMU 10.1+ (guest RAM must be shared) with:");
     println!(
         "  qemu-system-x86_64 -accel tcg -m 512M \\\n    -object memory-backend-memfd,id=mem,size=512M,share=on \\\n    -machine q35,memory-backend=mem \\\n    -device '{{\"driver\":\"vfio-user-pci\",\"socket\":{{\"path\":\"{}\",\"type\":\"unix\"}}}}' ...",
         sock.display()
     );
-    println!("in the guest: modprobe gpio-pci-idio-16; gpioget shows the inputs.");
-    println!("Ctrl-C stops the daemon.");
+    println!("the guest sees the disk as /dev/vda (virtio_blk driver). Ctrl-C stops the daemon.");
     serve(ServeArgs {
         transport: Transport::VfioUser,
         socket_path: Some(sock),
@@ -219,7 +343,17 @@ fn demo() -> Result<(), String> {
         max_data_xfer_size: 1 << 20,
         dma_rw_layout: LayoutArg::Qemu,
         io_timeout_secs: 10,
-        device: DeviceArgs::Gpio { inputs },
+        device: DeviceArgs::VirtioBlk {
+            file: image,
+            readonly: false,
+            queues: 1,
+            direct: false,
+            block_size: 512,
+            virtio: VirtioArgs {
+                poll_us: 0,
+                notify_mmap: false,
+            },
+        },
     })
 }
 

@@ -4,6 +4,7 @@
 //! * [`gpio`] — an ACCES PCI-IDIO-16 compatible isolated digital I/O card, a full PCI
 //!   function (`unidev_core::pci::PciDevice`) that Linux's `gpio-pci-idio-16` driver
 //!   binds to.
+//! * [`virtio_blk`] — a virtio block device on a raw image or block device.
 //! * [`virtio_rng`] — a virtio entropy device (`vhost_user_backend::VhostUserBackend`).
 //!
 //! Backends never learn which transport carries them: they see configuration space and
@@ -12,4 +13,5 @@
 #![deny(missing_docs)]
 
 pub mod gpio;
+pub mod virtio_blk;
 pub mod virtio_rng;
