@@ -537,3 +537,377 @@ impl VhostUserBackend for VirtioBlk {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::mock::MockSplitQueue;
+
+    const QSIZE: u16 = 16;
+    const HDR: u64 = 0x10_0000;
+    const DATA: u64 = 0x20_0000;
+    const STATUS: u64 = 0x30_0000;
+
+    struct Rig {
+        mem: Memory,
+        vring: VringRwLock,
+        next_desc: u16,
+        rings: (u64, u64, u64),
+        avail_idx: u16,
+    }
+
+    impl Rig {
+        fn new(blk: &VirtioBlk, event_idx: bool) -> Rig {
+            let gm = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+            let mem = GuestMemoryAtomic::new(gm);
+            let vring = VringRwLock::new(mem.clone(), QSIZE).unwrap();
+            let rings = {
+                let m = mem.memory();
+                let q = MockSplitQueue::create(&*m, GuestAddress(0), QSIZE);
+                (q.desc_table_addr().0, q.avail_addr().0, q.used_addr().0)
+            };
+            vring.set_queue_info(rings.0, rings.1, rings.2).unwrap();
+            vring.set_queue_size(QSIZE);
+            vring.set_queue_ready(true);
+            vring.set_enabled(true);
+            vring.set_queue_event_idx(event_idx);
+            blk.set_event_idx(event_idx);
+            blk.update_memory(mem.clone()).unwrap();
+            Rig {
+                mem,
+                vring,
+                next_desc: 0,
+                rings,
+                avail_idx: 0,
+            }
+        }
+
+        /// Post one chain of (addr, len, device-writable) and process it; returns the
+        /// used length the device reported.
+        fn submit(&mut self, blk: &VirtioBlk, chain: &[(u64, u32, bool)]) -> u32 {
+            let (desc, avail, used) = self.rings;
+            let start = self.next_desc;
+            {
+                let m = self.mem.memory();
+                for (i, &(addr, len, w)) in chain.iter().enumerate() {
+                    let mut flags = if w { VRING_DESC_F_WRITE as u16 } else { 0 };
+                    if i + 1 < chain.len() {
+                        flags |= VRING_DESC_F_NEXT as u16;
+                    }
+                    let idx = (start + i as u16) % QSIZE;
+                    let next = (idx + 1) % QSIZE;
+                    let d = GuestAddress(desc + 16 * u64::from(idx));
+                    m.write_obj(addr, d).unwrap();
+                    m.write_obj(len, GuestAddress(d.0 + 8)).unwrap();
+                    m.write_obj(flags, GuestAddress(d.0 + 12)).unwrap();
+                    m.write_obj(next, GuestAddress(d.0 + 14)).unwrap();
+                }
+                let slot = u64::from(self.avail_idx % QSIZE);
+                m.write_obj(start, GuestAddress(avail + 4 + 2 * slot))
+                    .unwrap();
+                self.avail_idx = self.avail_idx.wrapping_add(1);
+                m.write_obj(self.avail_idx, GuestAddress(avail + 2))
+                    .unwrap();
+            }
+            self.next_desc = (start + chain.len() as u16) % QSIZE;
+            blk.handle_event(0, EventSet::IN, std::slice::from_ref(&self.vring), 0)
+                .unwrap();
+            let m = self.mem.memory();
+            let used_idx: u16 = m.read_obj(GuestAddress(used + 2)).unwrap();
+            assert_eq!(used_idx, self.avail_idx, "every chain is used exactly once");
+            let slot = u64::from(used_idx.wrapping_sub(1) % QSIZE);
+            m.read_obj::<u32>(GuestAddress(used + 4 + slot * 8 + 4))
+                .unwrap()
+        }
+
+        /// Let `write` lay out descriptors by hand, post head 0 and process it.
+        fn submit_raw(&mut self, blk: &VirtioBlk, write: impl FnOnce(&GuestMemoryMmap<()>)) -> u32 {
+            let (_, avail, used) = self.rings;
+            {
+                let m = self.mem.memory();
+                write(&m);
+                let slot = u64::from(self.avail_idx % QSIZE);
+                m.write_obj(0u16, GuestAddress(avail + 4 + 2 * slot))
+                    .unwrap();
+                self.avail_idx = self.avail_idx.wrapping_add(1);
+                m.write_obj(self.avail_idx, GuestAddress(avail + 2))
+                    .unwrap();
+            }
+            blk.handle_event(0, EventSet::IN, std::slice::from_ref(&self.vring), 0)
+                .unwrap();
+            let m = self.mem.memory();
+            let used_idx: u16 = m.read_obj(GuestAddress(used + 2)).unwrap();
+            assert_eq!(used_idx, self.avail_idx, "every chain is used exactly once");
+            let slot = u64::from(used_idx.wrapping_sub(1) % QSIZE);
+            m.read_obj::<u32>(GuestAddress(used + 4 + slot * 8 + 4))
+                .unwrap()
+        }
+
+        fn header(&self, t: u32, sector: u64) {
+            let m = self.mem.memory();
+            m.write_obj(t, GuestAddress(HDR)).unwrap();
+            m.write_obj(0u32, GuestAddress(HDR + 4)).unwrap();
+            m.write_obj(sector, GuestAddress(HDR + 8)).unwrap();
+            m.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        }
+
+        fn status(&self) -> u8 {
+            self.mem.memory().read_obj(GuestAddress(STATUS)).unwrap()
+        }
+    }
+
+    fn image(name: &str, len: usize) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("unidev-blk-{}-{name}", std::process::id()));
+        let mut f = File::create(&p).unwrap();
+        f.write_all(&vec![0x5au8; len]).unwrap();
+        p
+    }
+
+    fn blk(name: &str, f: impl FnOnce(&mut BlkOptions)) -> (VirtioBlk, PathBuf) {
+        let path = image(name, 1 << 20);
+        let mut o = BlkOptions {
+            path: path.clone(),
+            ..BlkOptions::default()
+        };
+        f(&mut o);
+        (VirtioBlk::new(o).unwrap(), path)
+    }
+
+    #[test]
+    fn write_read_flush_and_get_id() {
+        for event_idx in [false, true] {
+            let (b, path) = blk(&format!("rw{event_idx}"), |_| {});
+            let mut r = Rig::new(&b, event_idx);
+            r.mem
+                .memory()
+                .write_slice(&[7u8; 1024], GuestAddress(DATA))
+                .unwrap();
+            r.header(VIRTIO_BLK_T_OUT, 3);
+            let len = r.submit(
+                &b,
+                &[(HDR, 16, false), (DATA, 1024, false), (STATUS, 1, true)],
+            );
+            assert_eq!((r.status(), len), (VIRTIO_BLK_S_OK as u8, 1));
+            let on_disk = std::fs::read(&path).unwrap();
+            assert!(on_disk[3 * 512..5 * 512].iter().all(|&x| x == 7));
+            assert_eq!(on_disk[3 * 512 - 1], 0x5a);
+
+            r.header(VIRTIO_BLK_T_IN, 2);
+            let len = r.submit(
+                &b,
+                &[(HDR, 16, false), (DATA, 1024, true), (STATUS, 1, true)],
+            );
+            assert_eq!((r.status(), len), (VIRTIO_BLK_S_OK as u8, 1025));
+            let mut got = [0u8; 1024];
+            r.mem
+                .memory()
+                .read_slice(&mut got, GuestAddress(DATA))
+                .unwrap();
+            assert!(got[..512].iter().all(|&x| x == 0x5a) && got[512..].iter().all(|&x| x == 7));
+
+            r.header(VIRTIO_BLK_T_FLUSH, 0);
+            r.submit(&b, &[(HDR, 16, false), (STATUS, 1, true)]);
+            assert_eq!(r.status(), VIRTIO_BLK_S_OK as u8);
+
+            r.header(VIRTIO_BLK_T_GET_ID, 0);
+            let len = r.submit(&b, &[(HDR, 16, false), (DATA, 20, true), (STATUS, 1, true)]);
+            assert_eq!((r.status(), len), (VIRTIO_BLK_S_OK as u8, 21));
+            let mut id = [0u8; 20];
+            r.mem
+                .memory()
+                .read_slice(&mut id, GuestAddress(DATA))
+                .unwrap();
+            assert!(String::from_utf8_lossy(&id).starts_with("unidev-blk-"));
+            let _ = std::fs::remove_file(path);
+        }
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_reach_the_file() {
+        let (b, path) = blk("dz", |_| {});
+        let mut r = Rig::new(&b, false);
+        for (t, sector) in [
+            (VIRTIO_BLK_T_WRITE_ZEROES, 8u64),
+            (VIRTIO_BLK_T_DISCARD, 16),
+        ] {
+            let m = r.mem.memory();
+            m.write_obj(sector, GuestAddress(DATA)).unwrap();
+            m.write_obj(4u32, GuestAddress(DATA + 8)).unwrap();
+            m.write_obj(0u32, GuestAddress(DATA + 12)).unwrap();
+            drop(m);
+            r.header(t, 0);
+            r.submit(
+                &b,
+                &[(HDR, 16, false), (DATA, 16, false), (STATUS, 1, true)],
+            );
+            assert_eq!(r.status(), VIRTIO_BLK_S_OK as u8, "type {t}");
+            let on_disk = std::fs::read(&path).unwrap();
+            let s = sector as usize * 512;
+            assert!(
+                on_disk[s..s + 2048].iter().all(|&x| x == 0),
+                "type {t} zeroed"
+            );
+            assert_eq!(on_disk[s + 2048], 0x5a, "type {t} stays in range");
+        }
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn bad_requests_complete_with_errors() {
+        let (b, path) = blk("bad", |_| {});
+        let mut r = Rig::new(&b, false);
+        // Past the end of the disk.
+        r.header(VIRTIO_BLK_T_IN, 2047);
+        r.submit(
+            &b,
+            &[(HDR, 16, false), (DATA, 1024, true), (STATUS, 1, true)],
+        );
+        assert_eq!(r.status(), VIRTIO_BLK_S_IOERR as u8);
+        // Unknown type.
+        r.header(0x99, 0);
+        r.submit(&b, &[(HDR, 16, false), (STATUS, 1, true)]);
+        assert_eq!(r.status(), VIRTIO_BLK_S_UNSUPP as u8);
+        // Data not a multiple of 512.
+        r.header(VIRTIO_BLK_T_IN, 0);
+        r.submit(
+            &b,
+            &[(HDR, 16, false), (DATA, 100, true), (STATUS, 1, true)],
+        );
+        assert_eq!(r.status(), VIRTIO_BLK_S_IOERR as u8);
+        // Read into a device-readable buffer (wrong direction).
+        r.header(VIRTIO_BLK_T_IN, 0);
+        r.submit(
+            &b,
+            &[(HDR, 16, false), (DATA, 512, false), (STATUS, 1, true)],
+        );
+        assert_eq!(r.status(), VIRTIO_BLK_S_IOERR as u8);
+        // Header too short.
+        r.header(VIRTIO_BLK_T_IN, 0);
+        r.submit(&b, &[(HDR, 8, false), (STATUS, 1, true)]);
+        assert_eq!(r.status(), VIRTIO_BLK_S_IOERR as u8);
+        // Data buffer outside guest memory.
+        r.header(VIRTIO_BLK_T_IN, 0);
+        r.submit(
+            &b,
+            &[
+                (HDR, 16, false),
+                (0x4000_0000, 512, true),
+                (STATUS, 1, true),
+            ],
+        );
+        assert_eq!(r.status(), VIRTIO_BLK_S_IOERR as u8);
+        // No writable status byte: used with length 0, status untouched.
+        r.header(VIRTIO_BLK_T_IN, 0);
+        let len = r.submit(&b, &[(HDR, 16, false), (STATUS, 1, false)]);
+        assert_eq!((len, r.status()), (0, 0xff));
+        // A lone descriptor.
+        let len = r.submit(&b, &[(STATUS, 1, true)]);
+        assert_eq!(len, 0);
+        // The device still works.
+        r.header(VIRTIO_BLK_T_FLUSH, 0);
+        r.submit(&b, &[(HDR, 16, false), (STATUS, 1, true)]);
+        assert_eq!(r.status(), VIRTIO_BLK_S_OK as u8);
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn descriptor_loops_and_long_chains_terminate() {
+        let (b, path) = blk("loop", |_| {});
+        let mut r = Rig::new(&b, false);
+        // A chain as long as the whole queue whose "header" is device-writable: IOERR
+        // in the last byte (used length 1).
+        let chain: Vec<(u64, u32, bool)> = (0..QSIZE)
+            .map(|i| (DATA + 512 * u64::from(i), 512, true))
+            .collect();
+        assert_eq!(r.submit(&b, &chain), 1);
+        let last = GuestAddress(DATA + 512 * u64::from(QSIZE) - 1);
+        assert_eq!(
+            r.mem.memory().read_obj::<u8>(last).unwrap(),
+            VIRTIO_BLK_S_IOERR as u8
+        );
+        // A two-descriptor loop: 0 -> 1 -> 0 -> ... (the header is read-only, the data
+        // descriptor points back to it).
+        r.header(VIRTIO_BLK_T_IN, 0);
+        r.next_desc = 0;
+        let (desc, _, _) = r.rings;
+        let loop_len = r.submit_raw(&b, |m| {
+            let d1 = GuestAddress(desc + 16);
+            m.write_obj(HDR, GuestAddress(desc)).unwrap();
+            m.write_obj(16u32, GuestAddress(desc + 8)).unwrap();
+            m.write_obj(VRING_DESC_F_NEXT as u16, GuestAddress(desc + 12))
+                .unwrap();
+            m.write_obj(1u16, GuestAddress(desc + 14)).unwrap();
+            m.write_obj(DATA, d1).unwrap();
+            m.write_obj(512u32, GuestAddress(d1.0 + 8)).unwrap();
+            m.write_obj(
+                (VRING_DESC_F_NEXT | VRING_DESC_F_WRITE) as u16,
+                GuestAddress(d1.0 + 12),
+            )
+            .unwrap();
+            m.write_obj(0u16, GuestAddress(d1.0 + 14)).unwrap();
+        });
+        assert!(
+            loop_len <= 1,
+            "a looping chain completes without data: {loop_len}"
+        );
+        // The device keeps working.
+        r.next_desc = 4;
+        r.header(VIRTIO_BLK_T_IN, 0);
+        r.submit(
+            &b,
+            &[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)],
+        );
+        assert_eq!(r.status(), VIRTIO_BLK_S_OK as u8);
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn read_only_and_4k_blocks() {
+        let (b, path) = blk("ro", |o| o.readonly = true);
+        assert_ne!(b.features() & (1 << VIRTIO_BLK_F_RO), 0);
+        let mut r = Rig::new(&b, false);
+        r.header(VIRTIO_BLK_T_OUT, 0);
+        r.submit(
+            &b,
+            &[(HDR, 16, false), (DATA, 512, false), (STATUS, 1, true)],
+        );
+        assert_eq!(r.status(), VIRTIO_BLK_S_IOERR as u8);
+        assert!(std::fs::read(&path).unwrap().iter().all(|&x| x == 0x5a));
+
+        let (b4, path4) = blk("4k", |o| o.logical_block_size = 4096);
+        assert_eq!(&b4.get_config(20, 4), &4096u32.to_le_bytes());
+        let mut r = Rig::new(&b4, false);
+        r.header(VIRTIO_BLK_T_IN, 1); // not 4 KiB aligned
+        r.submit(
+            &b4,
+            &[(HDR, 16, false), (DATA, 4096, true), (STATUS, 1, true)],
+        );
+        assert_eq!(r.status(), VIRTIO_BLK_S_IOERR as u8);
+        r.header(VIRTIO_BLK_T_IN, 8);
+        r.submit(
+            &b4,
+            &[(HDR, 16, false), (DATA, 4096, true), (STATUS, 1, true)],
+        );
+        assert_eq!(r.status(), VIRTIO_BLK_S_OK as u8);
+        let _ = std::fs::remove_file(path);
+        let _ = std::fs::remove_file(path4);
+    }
+
+    #[test]
+    fn config_space_layout() {
+        let (b, path) = blk("cfg", |o| o.queues = 4);
+        assert_eq!(
+            &b.get_config(0, 8),
+            &2048u64.to_le_bytes(),
+            "capacity in sectors"
+        );
+        assert_eq!(&b.get_config(34, 2), &4u16.to_le_bytes(), "num_queues");
+        assert_eq!(b.get_config(1000, 4), vec![0; 4], "past the end reads zero");
+        assert_eq!(b.get_config(u32::MAX, 4), vec![0; 4]);
+        assert_ne!(b.features() & (1 << VIRTIO_BLK_F_MQ), 0);
+        assert_eq!(b.queues_per_thread(), vec![1, 2, 4, 8]);
+        let _ = std::fs::remove_file(path);
+    }
+}
