@@ -264,8 +264,9 @@ impl VirtioBlk {
                 if write && self.opts.readonly {
                     return finish(VIRTIO_BLK_S_IOERR, 0);
                 }
-                if data.iter().any(|d| d.2 == write) {
-                    return finish(VIRTIO_BLK_S_IOERR, 0); // wrong direction
+                if data.iter().any(|d| d.2 == write || d.1 == 0) {
+                    // Wrong direction, or an empty buffer no driver sends.
+                    return finish(VIRTIO_BLK_S_IOERR, 0);
                 }
                 let Some(offset) = self.check_range(sector, total) else {
                     return finish(VIRTIO_BLK_S_IOERR, 0);

@@ -7,6 +7,7 @@
 //! * [`session`] — one connection: commands translated into core calls.
 //! * [`server`] — the listening socket and the event loop, one client at a time.
 //! * [`client`] — the other end, as a library (tests, benchmarks, tools).
+//! * [`virtio_driver`] — a virtio-pci driver on top of the client.
 //!
 //! Differences from the spec text, where QEMU wins (see `DmaRwLayout`): DMA_READ and
 //! DMA_WRITE payload layout, and DMA_WRITE's header-only reply. Twin-socket mode is not
@@ -20,6 +21,7 @@ pub mod codec;
 pub mod server;
 pub mod session;
 pub mod socket;
+pub mod virtio_driver;
 
 pub use client::VfioUserClient;
 pub use codec::DmaRwLayout;
