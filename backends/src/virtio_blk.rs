@@ -43,6 +43,9 @@ const MAX_REQUEST_BYTES: u64 = 32 << 20;
 const MAX_DISCARD_SECTORS: u32 = u32::MAX / SECTOR as u32;
 const GET_ID_BYTES: usize = 20;
 const CONFIG_SIZE: usize = 60;
+/// Alignment O_DIRECT asks of buffers, lengths and offsets (the page size covers every
+/// logical block size in use).
+const DIRECT_ALIGN: u64 = 4096;
 
 type Memory = GuestMemoryAtomic<GuestMemoryMmap<()>>;
 
@@ -140,7 +143,16 @@ impl VirtioBlk {
         if opts.direct {
             o.custom_flags(libc::O_DIRECT);
         }
-        let file = o.open(&opts.path)?;
+        let file = o.open(&opts.path).map_err(|e| {
+            if opts.direct && e.raw_os_error() == Some(libc::EINVAL) {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "O_DIRECT is not supported by this file system (tmpfs, for one)",
+                )
+            } else {
+                e
+            }
+        })?;
         let (bytes, is_block_device) = disk_size(&file)?;
         let mut serial = [0u8; GET_ID_BYTES];
         let name = opts.serial.clone().unwrap_or_else(|| {
@@ -352,7 +364,22 @@ impl VirtioBlk {
             // writes exactly that range. Guest memory may change concurrently, which is
             // inherent to DMA and harmless for plain bytes.
             let buf = unsafe { std::slice::from_raw_parts_mut(ptr.as_ptr(), len as usize) };
-            if write {
+            let aligned = |x: u64| x % DIRECT_ALIGN == 0;
+            if self.opts.direct
+                && !(aligned(buf.as_ptr() as u64) && aligned(u64::from(len)) && aligned(offset))
+            {
+                // O_DIRECT needs aligned memory: go through an aligned bounce buffer.
+                let mut bounce = vec![0u8; len as usize + DIRECT_ALIGN as usize];
+                let skew = bounce.as_ptr().align_offset(DIRECT_ALIGN as usize);
+                let b = &mut bounce[skew..skew + len as usize];
+                if write {
+                    b.copy_from_slice(buf);
+                    self.file.write_all_at(b, offset)?;
+                } else {
+                    self.file.read_exact_at(b, offset)?;
+                    buf.copy_from_slice(b);
+                }
+            } else if write {
                 self.file.write_all_at(buf, offset)?;
             } else {
                 self.file.read_exact_at(buf, offset)?;
@@ -894,6 +921,52 @@ mod tests {
         assert_eq!(r.status(), VIRTIO_BLK_S_OK as u8);
         let _ = std::fs::remove_file(path);
         let _ = std::fs::remove_file(path4);
+    }
+
+    #[test]
+    fn direct_io_with_unaligned_buffers_uses_a_bounce_buffer() {
+        // O_DIRECT needs a real file system (not tmpfs): use the build directory.
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/blk-direct-test");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("img-{}", std::process::id()));
+        std::fs::write(&path, vec![0x5au8; 1 << 20]).unwrap();
+        let b = match VirtioBlk::new(BlkOptions {
+            path: path.clone(),
+            direct: true,
+            ..BlkOptions::default()
+        }) {
+            Ok(b) => b,
+            Err(e) => panic!("O_DIRECT open failed on {}: {e}", dir.display()),
+        };
+        let mut r = Rig::new(&b, false);
+        // DATA + 512: not 4 KiB aligned, so the bounce path runs.
+        r.mem
+            .memory()
+            .write_slice(&[9u8; 512], GuestAddress(DATA + 512))
+            .unwrap();
+        r.header(VIRTIO_BLK_T_OUT, 1);
+        r.submit(
+            &b,
+            &[
+                (HDR, 16, false),
+                (DATA + 512, 512, false),
+                (STATUS, 1, true),
+            ],
+        );
+        assert_eq!(r.status(), VIRTIO_BLK_S_OK as u8);
+        r.header(VIRTIO_BLK_T_IN, 0);
+        r.submit(
+            &b,
+            &[(HDR, 16, false), (DATA, 4096, true), (STATUS, 1, true)],
+        );
+        assert_eq!(r.status(), VIRTIO_BLK_S_OK as u8);
+        let mut got = [0u8; 1024];
+        r.mem
+            .memory()
+            .read_slice(&mut got, GuestAddress(DATA))
+            .unwrap();
+        assert!(got[..512].iter().all(|&x| x == 0x5a) && got[512..].iter().all(|&x| x == 9));
+        let _ = std::fs::remove_file(path);
     }
 
     #[test]
