@@ -16,7 +16,7 @@ use unidev_core::pci::SharedPciDevice;
 use unidev_core::virtio::{DispatchOptions, LocalVirtio, VirtioPci, VirtioPciOptions};
 use unidev_transports::listener;
 use unidev_transports::vfio_user::virtio_driver::{
-    BlkSegment, DriverOptions, VirtioBlkRequest, VirtioPciDriver,
+    BlkSegment, DriverOptions, NotifyMode, VirtioBlkRequest, VirtioPciDriver,
 };
 use unidev_transports::vfio_user::{ServerConfig, VfioUserClient, VfioUserServer};
 
@@ -365,4 +365,57 @@ fn rng_delivers_random_bytes() {
     d.memory().read(buf, &mut got).unwrap();
     let distinct: std::collections::HashSet<u8> = got.iter().copied().collect();
     assert!(distinct.len() > 200);
+}
+
+#[test]
+fn notifications_through_the_mmapped_notify_area_with_a_polling_device() {
+    let dir = common::test_dir("blk-notify-mmap");
+    let image = dir.join("disk.img");
+    std::fs::write(&image, vec![0x5au8; 1 << 20]).unwrap();
+    let dma = Arc::new(DmaSpace::default());
+    let blk = VirtioBlk::new(BlkOptions {
+        path: image.clone(),
+        ..BlkOptions::default()
+    })
+    .unwrap();
+    let local = LocalVirtio::new(
+        VIRTIO_ID_BLOCK,
+        Arc::new(blk),
+        &dma,
+        DispatchOptions {
+            poll: Duration::ZERO,
+            busy: true,
+        },
+    )
+    .unwrap();
+    let pci = VirtioPci::new(
+        "blk-mmap",
+        local,
+        dma,
+        VirtioPciOptions { notify_mmap: true },
+    )
+    .unwrap();
+    let s = serve("blk-mmap", Arc::new(Mutex::new(pci)), dir, image);
+    let client = VfioUserClient::connect(&s.sock).unwrap();
+    let mut d = VirtioPciDriver::new(
+        client,
+        DriverOptions {
+            features: (1 << 32) | VIRTIO_RING_F_EVENT_IDX,
+            num_queues: Some(1),
+            queue_size: 64,
+            notify: NotifyMode::Mmap,
+            memory_size: 16 << 20,
+            ..DriverOptions::default()
+        },
+    )
+    .unwrap();
+    d.init().unwrap();
+    for i in 0..50u64 {
+        let w = pattern(i as u8, 512);
+        assert_eq!(status(&mut d, VirtioBlkRequest::write(i, &w)), S_OK);
+        let c = d
+            .blk_request(0, &VirtioBlkRequest::read(i, 512), TIMEOUT)
+            .unwrap();
+        assert_eq!((c.status, c.data), (S_OK, w));
+    }
 }
