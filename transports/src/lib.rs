@@ -6,3 +6,4 @@
 
 pub mod listener;
 pub mod vfio_user;
+pub mod vhost_user;

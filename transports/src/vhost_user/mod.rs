@@ -1,0 +1,24 @@
+//! The vhost-user transport, backend side: exports a core [`VirtioDevice`] (for example a
+//! `LocalVirtio` running any `VhostUserBackend`) over a vhost-user socket
+//! (QEMU's `docs/interop/vhost-user.rst`), so that `vhost-user-*` frontends drive the same
+//! device model as every other transport.
+//!
+//! * [`session`] — one connection: requests translated into core calls (the `vhost`
+//!   crate's `BackendReqHandler` does the framing, fds and REPLY_ACK).
+//! * [`server`] — the listening socket on the core's dispatch, one frontend at a time.
+//!
+//! Guest memory: SET_MEM_TABLE, ADD_MEM_REG and REM_MEM_REG become maps and unmaps of the
+//! device's [`DmaSpace`] by guest physical address; ring addresses, which a frontend gives
+//! as its own virtual addresses, are translated through the memory table.
+//!
+//! Offered protocol features: MQ, CONFIG, REPLY_ACK, CONFIGURE_MEM_SLOTS, RESET_DEVICE.
+//! Not offered: dirty logging, inflight tracking, device state transfer, backend requests,
+//! packed rings, polling mode (a ring without a kick fd).
+//!
+//! [`VirtioDevice`]: unidev_core::virtio::VirtioDevice
+//! [`DmaSpace`]: unidev_core::memory::DmaSpace
+
+pub mod server;
+pub mod session;
+
+pub use server::VhostUserServer;

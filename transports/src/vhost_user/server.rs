@@ -1,0 +1,162 @@
+//! The vhost-user server for one device: serves one frontend at a time on a listening
+//! socket, on the core's epoll dispatch.
+//!
+//! While a frontend is attached the listening socket is not watched: a second frontend
+//! waits in the listen backlog and is accepted once the first disconnects (QEMU's
+//! reconnect). On disconnect every queue stops, the device is reset and the memory table
+//! is dropped; the device object itself lives on for the next frontend.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixListener;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use log::{error, info, warn};
+use unidev_core::dispatch::{Control, EventLoop, LoopContext, Readiness, StopHandle};
+use unidev_core::memory::DmaSpace;
+use unidev_core::virtio::VirtioDevice;
+use vhost::vhost_user::{BackendReqHandler, Error as VhostError};
+
+use super::session::Session;
+
+/// How long one request may take to arrive in full once its first byte did.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A vhost-user backend exporting one virtio device.
+pub struct VhostUserServer {
+    shared: Arc<Shared>,
+    event_loop: EventLoop,
+}
+
+struct Shared {
+    name: String,
+    listener: UnixListener,
+    device: Arc<dyn VirtioDevice>,
+    dma: Arc<DmaSpace>,
+    /// The attached frontend's session.
+    current: Mutex<Option<Arc<Mutex<Session>>>>,
+}
+
+impl Shared {
+    fn current(&self) -> std::sync::MutexGuard<'_, Option<Arc<Mutex<Session>>>> {
+        self.current.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Whether a request error means the connection is gone (or cannot be resynchronized),
+/// rather than one refused request.
+fn is_fatal(e: &VhostError) -> bool {
+    matches!(
+        e,
+        VhostError::Disconnected
+            | VhostError::PartialMessage
+            | VhostError::OversizedMsg
+            | VhostError::SocketBroken(_)
+            | VhostError::SocketError(_)
+            | VhostError::SocketRetry(_)
+            | VhostError::SocketConnect(_)
+    )
+}
+
+impl VhostUserServer {
+    /// Serve `device`, whose guest memory is `dma`, to frontends of `listener`. `name`
+    /// prefixes log lines.
+    pub fn new(
+        name: impl Into<String>,
+        listener: UnixListener,
+        device: Arc<dyn VirtioDevice>,
+        dma: Arc<DmaSpace>,
+    ) -> io::Result<Self> {
+        listener.set_nonblocking(true)?;
+        Ok(VhostUserServer {
+            shared: Arc::new(Shared {
+                name: name.into(),
+                listener,
+                device,
+                dma,
+                current: Mutex::new(None),
+            }),
+            event_loop: EventLoop::new()?,
+        })
+    }
+
+    /// A handle that ends [`run`](VhostUserServer::run) from any thread.
+    pub fn stop_handle(&self) -> StopHandle {
+        self.event_loop.stop_handle()
+    }
+
+    /// Serve until stopped. An attached frontend's session is closed on the way out.
+    pub fn run(mut self) -> io::Result<()> {
+        let shared = self.shared.clone();
+        self.event_loop.add(
+            shared.listener.as_raw_fd(),
+            epoll::Events::EPOLLIN,
+            listener_handler(shared.clone()),
+        )?;
+        info!("{}: serving", shared.name);
+        let result = self.event_loop.run();
+        let left = shared.current().take();
+        if let Some(session) = left {
+            session.lock().unwrap_or_else(|e| e.into_inner()).close();
+        }
+        info!("{}: stopped", shared.name);
+        result
+    }
+}
+
+fn listener_handler(
+    shared: Arc<Shared>,
+) -> impl FnMut(&mut LoopContext, Readiness) -> Control + Send + 'static {
+    move |ctx, _| {
+        let stream = match shared.listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Control::Continue,
+            Err(e) => {
+                error!("{}: accept failed: {e}", shared.name);
+                return Control::Continue;
+            }
+        };
+        let setup = stream
+            .set_nonblocking(false)
+            .and_then(|_| stream.set_read_timeout(Some(IO_TIMEOUT)))
+            .and_then(|_| stream.set_write_timeout(Some(IO_TIMEOUT)));
+        if let Err(e) = setup {
+            warn!("{}: cannot set up a connection: {e}", shared.name);
+            return Control::Continue;
+        }
+        let session_name = format!("{}[fd {}]", shared.name, stream.as_raw_fd());
+        let session = Arc::new(Mutex::new(Session::new(
+            session_name.clone(),
+            shared.device.clone(),
+            shared.dma.clone(),
+        )));
+        *shared.current() = Some(session.clone());
+        let mut handler = BackendReqHandler::from_stream(stream, session.clone());
+        let fd = handler.as_raw_fd();
+        info!("{session_name}: frontend connected");
+        let shared2 = shared.clone();
+        ctx.add(fd, epoll::Events::EPOLLIN, move |ctx, _| {
+            match handler.handle_request() {
+                Ok(()) => return Control::Continue,
+                Err(e) if !is_fatal(&e) => {
+                    warn!("{session_name}: request refused: {e}");
+                    return Control::Continue;
+                }
+                Err(VhostError::Disconnected) => info!("{session_name}: frontend disconnected"),
+                Err(e) => warn!("{session_name}: dropping the connection: {e}"),
+            }
+            session.lock().unwrap_or_else(|e| e.into_inner()).close();
+            *shared2.current() = None;
+            // Serve the next frontend.
+            ctx.add(
+                shared2.listener.as_raw_fd(),
+                epoll::Events::EPOLLIN,
+                listener_handler(shared2.clone()),
+            );
+            Control::Remove
+        });
+        // One frontend at a time: others wait in the backlog.
+        Control::Remove
+    }
+}
