@@ -511,3 +511,31 @@ fn bad_messages_get_error_replies_and_serving_continues() {
     let mut q = Queue { vq, kick, call };
     assert_eq!(round_trip(&mut q, &g, BASE + 0x90_0000, 300), (300, true));
 }
+
+#[test]
+fn call_fd_replaced_while_running_and_reset_device() {
+    let rig = Rig::start("reset");
+    let mut fe = rig.frontend();
+    let g = Guest::new();
+    fe.set_mem_table(&[g.region(0, MEM)]).unwrap();
+    let mut q = setup_queue(&mut fe, &g, 0, 0);
+    let buf = BASE + (3 << 20);
+    assert_eq!(round_trip(&mut q, &g, buf, 512), (512, true));
+    // A new call fd while the ring runs: completions signal it, not the old one.
+    let new_call = EventFd::new(EFD_NONBLOCK).unwrap();
+    fe.set_vring_call(0, &new_call).unwrap();
+    let _ = q.call.read();
+    assert_eq!(round_trip(&mut q, &g, buf, 512), (512, true));
+    assert_eq!(new_call.read().unwrap(), 1);
+    assert!(q.call.read().is_err(), "the old call fd was signalled");
+
+    // RESET_DEVICE stops the ring: a request is not served until it is set up again.
+    fe.reset_device().unwrap();
+    let head = post(&mut q, &g, buf, 64);
+    assert_eq!(wait_used(&mut q, head, Duration::from_millis(300)), None);
+    fe.set_features(VERSION_1 | PROTOCOL_FEATURES).unwrap();
+    let mut q = setup_queue(&mut fe, &g, 0, 0);
+    assert_eq!(round_trip(&mut q, &g, buf, 128), (128, true));
+    // The memory table survives a device reset.
+    assert_eq!(rig.dma.len(), 1);
+}
