@@ -73,7 +73,11 @@ impl Region {
     /// The guest address of frontend virtual address `va`, if this region holds it.
     fn translate(&self, va: u64) -> Option<u64> {
         let off = va.checked_sub(self.uaddr)?;
-        (off < self.size).then(|| self.gpa + off)
+        if off < self.size {
+            self.gpa.checked_add(off)
+        } else {
+            None
+        }
     }
 }
 
