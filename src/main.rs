@@ -18,9 +18,12 @@ use unidev_backends::virtio_blk::{BlkOptions, VirtioBlk};
 use unidev_backends::virtio_rng::VirtioRng;
 use unidev_core::memory::DmaSpace;
 use unidev_core::pci::SharedPciDevice;
-use unidev_core::virtio::{DispatchOptions, LocalVirtio, VirtioPci, VirtioPciOptions};
+use unidev_core::virtio::{
+    DispatchOptions, LocalVirtio, VirtioDevice, VirtioPci, VirtioPciOptions,
+};
 use unidev_transports::listener;
 use unidev_transports::vfio_user::{DmaRwLayout, ServerConfig, VfioUserServer};
+use unidev_transports::vhost_user::VhostUserServer;
 
 #[derive(Parser)]
 #[command(
@@ -44,8 +47,10 @@ enum Command {
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 enum Transport {
-    /// vfio-user (QEMU's vfio-user-pci client).
+    /// vfio-user (QEMU's vfio-user-pci client): any device, virtio ones as virtio-pci.
     VfioUser,
+    /// vhost-user (QEMU's vhost-user-*-pci devices): virtio devices.
+    VhostUser,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -158,18 +163,30 @@ fn parse_hex16(s: &str) -> Result<u16, String> {
     u16::from_str_radix(t, 16).map_err(|e| format!("{s:?} is not a 16-bit hex value: {e}"))
 }
 
-fn virtio_pci<B>(
+/// A device as its transport needs it: a PCI function, or a bare virtio device.
+enum Built {
+    Pci(SharedPciDevice),
+    Virtio(Arc<dyn VirtioDevice>),
+}
+
+fn virtio_device<B>(
     name: &str,
     device_type: u32,
     backend: B,
     dma: Arc<DmaSpace>,
     v: &VirtioArgs,
-) -> Result<SharedPciDevice, String>
+    transport: Transport,
+) -> Result<Built, String>
 where
     B: vhost_user_backend::VhostUserBackend<Bitmap = (), Vring = vhost_user_backend::VringRwLock>
         + Clone
         + 'static,
 {
+    if v.notify_mmap && transport != Transport::VfioUser {
+        return Err(format!(
+            "{name}: --notify-mmap applies to the vfio-user transport only"
+        ));
+    }
     let local = LocalVirtio::new(
         device_type,
         backend,
@@ -180,6 +197,9 @@ where
         },
     )
     .map_err(|e| format!("{name}: cannot start queues: {e}"))?;
+    if transport == Transport::VhostUser {
+        return Ok(Built::Virtio(local));
+    }
     let pci = VirtioPci::new(
         name,
         local,
@@ -189,14 +209,27 @@ where
         },
     )
     .map_err(|e| format!("{name}: {e}"))?;
-    Ok(Arc::new(Mutex::new(pci)))
+    Ok(Built::Pci(Arc::new(Mutex::new(pci))))
 }
 
-fn make_device(dev: &DeviceArgs, dma: Arc<DmaSpace>) -> Result<SharedPciDevice, String> {
+fn make_device(
+    dev: &DeviceArgs,
+    dma: Arc<DmaSpace>,
+    transport: Transport,
+) -> Result<Built, String> {
     match dev {
         DeviceArgs::Gpio { inputs } => {
+            if transport != Transport::VfioUser {
+                return Err(
+                    "gpio is a full PCI device: it needs the vfio-user transport \
+                     (vhost-user carries virtio devices only)"
+                        .into(),
+                );
+            }
             info!("gpio: inputs = {inputs:#06x}");
-            Ok(Arc::new(Mutex::new(IdioGpioCard::new(dma, *inputs))))
+            Ok(Built::Pci(Arc::new(Mutex::new(IdioGpioCard::new(
+                dma, *inputs,
+            )))))
         }
         DeviceArgs::VirtioBlk {
             file,
@@ -222,11 +255,25 @@ fn make_device(dev: &DeviceArgs, dma: Arc<DmaSpace>) -> Result<SharedPciDevice, 
                 if *readonly { ", read-only" } else { "" },
                 if *direct { ", O_DIRECT" } else { "" }
             );
-            virtio_pci("virtio-blk", VIRTIO_ID_BLOCK, Arc::new(blk), dma, virtio)
+            virtio_device(
+                "virtio-blk",
+                VIRTIO_ID_BLOCK,
+                Arc::new(blk),
+                dma,
+                virtio,
+                transport,
+            )
         }
         DeviceArgs::VirtioRng { virtio } => {
             let rng = VirtioRng::new().map_err(|e| format!("virtio-rng: {e}"))?;
-            virtio_pci("virtio-rng", VIRTIO_ID_RNG, Arc::new(rng), dma, virtio)
+            virtio_device(
+                "virtio-rng",
+                VIRTIO_ID_RNG,
+                Arc::new(rng),
+                dma,
+                virtio,
+                transport,
+            )
         }
     }
 }
@@ -276,19 +323,9 @@ fn install_signal_handlers(stop_fd: i32) -> io::Result<()> {
 }
 
 fn serve(args: ServeArgs) -> Result<(), String> {
-    let Transport::VfioUser = args.transport;
     let name = device_name(&args.device);
     let dma = Arc::new(DmaSpace::new(args.max_dma_maps));
-    let device = make_device(&args.device, dma)?;
-    let config = ServerConfig {
-        max_msg_fds: args.max_msg_fds as usize,
-        max_data_xfer_size: args.max_data_xfer_size,
-        dma_rw_layout: match args.dma_rw_layout {
-            LayoutArg::Qemu => DmaRwLayout::Qemu,
-            LayoutArg::Spec => DmaRwLayout::Spec,
-        },
-        io_timeout: Duration::from_secs(args.io_timeout_secs.max(1)),
-    };
+    let device = make_device(&args.device, dma.clone(), args.transport)?;
     let (listener, shown): (UnixListener, String) = match (&args.socket_path, args.fd) {
         (Some(path), _) => (
             listener::bind(path, args.socket_mode).map_err(|e| e.to_string())?,
@@ -300,12 +337,34 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         ),
         (None, None) => return Err("--socket-path or --fd is required".into()),
     };
-    let server = VfioUserServer::new(name, listener, device, config)
-        .map_err(|e| format!("cannot start server: {e}"))?;
-    install_signal_handlers(server.stop_handle().as_raw_fd())
-        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
-    info!("{name}: vfio-user server listening on {shown}");
-    let result = server.run().map_err(|e| format!("server failed: {e}"));
+    let result = match device {
+        Built::Pci(device) => {
+            let config = ServerConfig {
+                max_msg_fds: args.max_msg_fds as usize,
+                max_data_xfer_size: args.max_data_xfer_size,
+                dma_rw_layout: match args.dma_rw_layout {
+                    LayoutArg::Qemu => DmaRwLayout::Qemu,
+                    LayoutArg::Spec => DmaRwLayout::Spec,
+                },
+                io_timeout: Duration::from_secs(args.io_timeout_secs.max(1)),
+            };
+            let server = VfioUserServer::new(name, listener, device, config)
+                .map_err(|e| format!("cannot start server: {e}"))?;
+            install_signal_handlers(server.stop_handle().as_raw_fd())
+                .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+            info!("{name}: vfio-user server listening on {shown}");
+            server.run()
+        }
+        Built::Virtio(device) => {
+            let server = VhostUserServer::new(name, listener, device, dma)
+                .map_err(|e| format!("cannot start server: {e}"))?;
+            install_signal_handlers(server.stop_handle().as_raw_fd())
+                .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+            info!("{name}: vhost-user server listening on {shown}");
+            server.run()
+        }
+    }
+    .map_err(|e| format!("server failed: {e}"));
     if let Some(path) = &args.socket_path {
         let _ = std::fs::remove_file(path);
     }

@@ -136,6 +136,21 @@ pub fn run_guest(
     append: &str,
     devices: &[String],
 ) -> GuestRun {
+    let args: Vec<String> = devices
+        .iter()
+        .flat_map(|d| ["-device".to_string(), d.clone()])
+        .collect();
+    run_guest_args(dir, init, modules, append, &args)
+}
+
+/// Like [`run_guest`], with raw QEMU arguments (e.g. `-chardev` + `-device`).
+pub fn run_guest_args(
+    dir: &Path,
+    init: &str,
+    modules: &str,
+    append: &str,
+    qemu_args: &[String],
+) -> GuestRun {
     let initrd = dir.join(format!("{init}.cpio.gz"));
     let out = Command::new("bash")
         .arg(e2e_script("mkinitramfs.sh"))
@@ -163,9 +178,7 @@ pub fn run_guest(
         cmd.args(["--append", append]);
     }
     cmd.arg("--");
-    for d in devices {
-        cmd.args(["-device", d]);
-    }
+    cmd.args(qemu_args);
     let status = cmd.status().unwrap();
     GuestRun {
         success: status.success(),
