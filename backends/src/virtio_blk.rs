@@ -2115,6 +2115,71 @@ mod tests {
         assert!(img.bytes()[8 * 512..10 * 512].iter().all(|&x| x == 0));
     }
 
+    /// Destructive: run with `UNIDEV_TEST_BLOCK_DEVICE=/dev/loopN cargo test -p
+    /// unidev-backends -- --ignored block_device` on a scratch device (a loop device
+    /// over a file is enough).
+    #[test]
+    #[ignore = "needs a scratch block device in UNIDEV_TEST_BLOCK_DEVICE"]
+    fn on_a_block_device() {
+        let Some(dev) = std::env::var_os("UNIDEV_TEST_BLOCK_DEVICE") else {
+            panic!("set UNIDEV_TEST_BLOCK_DEVICE to a scratch block device");
+        };
+        for direct in [false, true] {
+            let b = VirtioBlk::new(BlkOptions {
+                path: dev.clone().into(),
+                direct,
+                ..BlkOptions::default()
+            })
+            .unwrap();
+            assert!(b.is_block_device);
+            let size = b.capacity_sectors();
+            assert!(size >= 64, "at least 32 KiB");
+            assert_eq!(b.get_config(0, 8), size.to_le_bytes());
+            let mut r = Rig::new(&b, direct);
+            let data = pattern(direct as u8 + 1, 8192);
+            r.fill(DATA, &data);
+            assert_eq!(
+                r.request(&b, VIRTIO_BLK_T_OUT, 16, &[(DATA, 8192, R)]).0,
+                OK
+            );
+            assert_eq!(r.request(&b, VIRTIO_BLK_T_FLUSH, 0, &[]).0, OK);
+            // Unaligned guest buffer (bounced when direct).
+            let (st, _) = r.request(&b, VIRTIO_BLK_T_IN, 16, &[(DATA + 0x10001, 8192, W)]);
+            assert_eq!(st, OK);
+            assert_eq!(r.read(DATA + 0x10001, 8192), data);
+            let last = size - 1;
+            assert_eq!(
+                r.request(&b, VIRTIO_BLK_T_IN, last, &[(DATA, 512, W)]).0,
+                OK
+            );
+            assert_eq!(
+                r.request(&b, VIRTIO_BLK_T_IN, size, &[(DATA, 512, W)]).0,
+                IOERR
+            );
+            let unmap = VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
+            for (kind, flags) in [
+                (VIRTIO_BLK_T_WRITE_ZEROES, 0),
+                (VIRTIO_BLK_T_WRITE_ZEROES, unmap),
+                (VIRTIO_BLK_T_DISCARD, 0),
+            ] {
+                assert_eq!(
+                    r.request(&b, VIRTIO_BLK_T_OUT, 16, &[(DATA, 8192, R)]).0,
+                    OK
+                );
+                let len = dwz(&r, DATA + 0x20000, &[(16, 8, flags)]);
+                let (st, _) = r.request(&b, kind, 0, &[(DATA + 0x20000, len, R)]);
+                assert!(st == OK || (kind == VIRTIO_BLK_T_DISCARD && st == UNSUPP));
+                if kind == VIRTIO_BLK_T_WRITE_ZEROES {
+                    let (st, _) = r.request(&b, VIRTIO_BLK_T_IN, 16, &[(DATA + 0x30000, 8192, W)]);
+                    assert_eq!(st, OK);
+                    let got = r.read(DATA + 0x30000, 8192);
+                    assert!(got[..4096].iter().all(|&x| x == 0), "{kind} {flags}");
+                    assert_eq!(&got[4096..], &data[4096..]);
+                }
+            }
+        }
+    }
+
     #[test]
     fn queues_run_concurrently_on_their_own_threads() {
         let img = Image::new("mq");
