@@ -5,17 +5,21 @@
 //! a scratch image, on `./unidev-blk.sock`) and prints the QEMU command line for it.
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+mod config;
+
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use log::{error, info};
 use unidev_backends::gpio::IdioGpioCard;
 use unidev_backends::virtio_blk::{BlkOptions, VirtioBlk};
 use unidev_backends::virtio_rng::VirtioRng;
+use unidev_core::dispatch::StopHandle;
 use unidev_core::memory::DmaSpace;
 use unidev_core::pci::SharedPciDevice;
 use unidev_core::virtio::{
@@ -43,6 +47,11 @@ struct Cli {
 enum Command {
     /// Export one device over one transport.
     Serve(ServeArgs),
+    /// Start every device listed in a TOML file (see `config.rs` for the format).
+    Run {
+        /// The devices file.
+        config: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -289,19 +298,33 @@ fn device_name(dev: &DeviceArgs) -> &'static str {
     }
 }
 
-/// Route SIGTERM and SIGINT to the event loop's stop eventfd.
-fn install_signal_handlers(stop_fd: i32) -> io::Result<()> {
+/// Route SIGTERM and SIGINT to every server's stop handle: the handler only writes an
+/// eventfd (async-signal-safe); a small thread waits on it and stops the servers.
+fn install_signal_handlers(stops: Vec<StopHandle>) -> io::Result<()> {
     use std::sync::atomic::{AtomicI32, Ordering};
-    static STOP_FD: AtomicI32 = AtomicI32::new(-1);
+    static SIGNAL_FD: AtomicI32 = AtomicI32::new(-1);
     extern "C" fn on_signal(_: libc::c_int) {
-        let fd = STOP_FD.load(Ordering::SeqCst);
+        let fd = SIGNAL_FD.load(Ordering::SeqCst);
         if fd >= 0 {
             let one: u64 = 1;
             // SAFETY: write(2) is async-signal-safe; `one` is a valid 8-byte buffer.
             unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
         }
     }
-    STOP_FD.store(stop_fd, Ordering::SeqCst);
+    let signalled = vmm_sys_util::eventfd::EventFd::new(0)?;
+    SIGNAL_FD.store(signalled.as_raw_fd(), Ordering::SeqCst);
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if signalled.read().is_ok() {
+                info!("signal received: stopping");
+                for s in &stops {
+                    s.stop();
+                }
+            }
+            // Keep the eventfd open for the handler for the life of the process.
+            std::mem::forget(signalled);
+        })?;
     for sig in [libc::SIGTERM, libc::SIGINT] {
         // SAFETY: a zeroed sigaction with a plain handler is valid; the handler only
         // touches an atomic and calls write(2).
@@ -322,6 +345,69 @@ fn install_signal_handlers(stop_fd: i32) -> io::Result<()> {
     Ok(())
 }
 
+/// A server of either transport, ready to run.
+enum Server {
+    VfioUser(VfioUserServer),
+    VhostUser(VhostUserServer),
+}
+
+impl Server {
+    fn stop_handle(&self) -> StopHandle {
+        match self {
+            Server::VfioUser(s) => s.stop_handle(),
+            Server::VhostUser(s) => s.stop_handle(),
+        }
+    }
+
+    fn run(self) -> io::Result<()> {
+        match self {
+            Server::VfioUser(s) => s.run(),
+            Server::VhostUser(s) => s.run(),
+        }
+    }
+}
+
+/// Transport-level settings of one device's server.
+#[derive(Default)]
+struct ServerSettings {
+    vfio_user: ServerConfig,
+}
+
+impl ServerSettings {
+    fn from_args(args: &ServeArgs) -> Self {
+        ServerSettings {
+            vfio_user: ServerConfig {
+                max_msg_fds: args.max_msg_fds as usize,
+                max_data_xfer_size: args.max_data_xfer_size,
+                dma_rw_layout: match args.dma_rw_layout {
+                    LayoutArg::Qemu => DmaRwLayout::Qemu,
+                    LayoutArg::Spec => DmaRwLayout::Spec,
+                },
+                io_timeout: Duration::from_secs(args.io_timeout_secs.max(1)),
+            },
+        }
+    }
+}
+
+/// Put a built device behind its transport's server on `listener`.
+fn make_server(
+    name: &str,
+    device: Built,
+    dma: Arc<DmaSpace>,
+    listener: UnixListener,
+    settings: &ServerSettings,
+) -> Result<Server, String> {
+    let err = |e: io::Error| format!("{name}: cannot start server: {e}");
+    Ok(match device {
+        Built::Pci(device) => Server::VfioUser(
+            VfioUserServer::new(name, listener, device, settings.vfio_user.clone()).map_err(err)?,
+        ),
+        Built::Virtio(device) => {
+            Server::VhostUser(VhostUserServer::new(name, listener, device, dma).map_err(err)?)
+        }
+    })
+}
+
 fn serve(args: ServeArgs) -> Result<(), String> {
     let name = device_name(&args.device);
     let dma = Arc::new(DmaSpace::new(args.max_dma_maps));
@@ -337,38 +423,85 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         ),
         (None, None) => return Err("--socket-path or --fd is required".into()),
     };
-    let result = match device {
-        Built::Pci(device) => {
-            let config = ServerConfig {
-                max_msg_fds: args.max_msg_fds as usize,
-                max_data_xfer_size: args.max_data_xfer_size,
-                dma_rw_layout: match args.dma_rw_layout {
-                    LayoutArg::Qemu => DmaRwLayout::Qemu,
-                    LayoutArg::Spec => DmaRwLayout::Spec,
-                },
-                io_timeout: Duration::from_secs(args.io_timeout_secs.max(1)),
-            };
-            let server = VfioUserServer::new(name, listener, device, config)
-                .map_err(|e| format!("cannot start server: {e}"))?;
-            install_signal_handlers(server.stop_handle().as_raw_fd())
-                .map_err(|e| format!("cannot install signal handlers: {e}"))?;
-            info!("{name}: vfio-user server listening on {shown}");
-            server.run()
-        }
-        Built::Virtio(device) => {
-            let server = VhostUserServer::new(name, listener, device, dma)
-                .map_err(|e| format!("cannot start server: {e}"))?;
-            install_signal_handlers(server.stop_handle().as_raw_fd())
-                .map_err(|e| format!("cannot install signal handlers: {e}"))?;
-            info!("{name}: vhost-user server listening on {shown}");
-            server.run()
-        }
-    }
-    .map_err(|e| format!("server failed: {e}"));
+    let server = make_server(
+        name,
+        device,
+        dma,
+        listener,
+        &ServerSettings::from_args(&args),
+    )?;
+    install_signal_handlers(vec![server.stop_handle()])
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let transport = match args.transport {
+        Transport::VfioUser => "vfio-user",
+        Transport::VhostUser => "vhost-user",
+    };
+    info!("{name}: {transport} server listening on {shown}");
+    let result = server.run().map_err(|e| format!("server failed: {e}"));
     if let Some(path) = &args.socket_path {
         let _ = std::fs::remove_file(path);
     }
     result
+}
+
+fn run(path: &std::path::Path) -> Result<(), String> {
+    let specs = config::load(path).map_err(|errors| {
+        format!(
+            "{} problem(s) in {}; nothing started:\n  {}",
+            errors.len(),
+            path.display(),
+            errors.join("\n  ")
+        )
+    })?;
+    // Build every device before any socket appears: a bad image file stops the start.
+    let mut built = Vec::with_capacity(specs.len());
+    for s in &specs {
+        let dma = Arc::new(DmaSpace::new(s.max_dma_maps));
+        let device = make_device(&s.device, dma.clone(), s.transport)
+            .map_err(|e| format!("{}: {e}; nothing started", s.location))?;
+        built.push((device, dma));
+    }
+    let mut servers = Vec::with_capacity(specs.len());
+    let mut bound: Vec<&std::path::Path> = Vec::new();
+    let cleanup = |bound: &[&std::path::Path]| {
+        for p in bound {
+            let _ = std::fs::remove_file(p);
+        }
+    };
+    for (s, (device, dma)) in specs.iter().zip(built) {
+        let server = listener::bind(&s.socket, s.socket_mode)
+            .map_err(|e| e.to_string())
+            .and_then(|l| make_server(&s.name, device, dma, l, &ServerSettings::default()))
+            .map_err(|e| {
+                cleanup(&bound);
+                format!("{}: {e}; nothing started", s.location)
+            })?;
+        bound.push(&s.socket);
+        servers.push(server);
+    }
+    install_signal_handlers(servers.iter().map(Server::stop_handle).collect())
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let mut threads = Vec::with_capacity(servers.len());
+    for (s, server) in specs.iter().zip(servers) {
+        info!("{}: serving on {}", s.name, s.socket.display());
+        let name = s.name.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("dev-{name}"))
+                .spawn(move || {
+                    if let Err(e) = server.run() {
+                        error!("{name}: server failed: {e}");
+                    }
+                })
+                .map_err(|e| format!("cannot start a thread: {e}"))?,
+        );
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    cleanup(&bound);
+    info!("all {} devices stopped", specs.len());
+    Ok(())
 }
 
 fn demo() -> Result<(), String> {
@@ -421,6 +554,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Serve(args)) => serve(args),
+        Some(Command::Run { config }) => run(&config),
         None => demo(),
     };
     match result {
