@@ -4,9 +4,9 @@
 
 mod common;
 
-use std::io::{Read, Seek, SeekFrom, Write};
-
-use common::{run_guest_args, test_dir, Daemon};
+use common::{
+    blk_scenario_image, check_blk_scenario, check_rng_scenario, run_guest_args, test_dir, Daemon,
+};
 
 fn vhost_user_args(sock: &std::path::Path, device: &str) -> Vec<String> {
     vec![
@@ -21,18 +21,7 @@ fn vhost_user_args(sock: &std::path::Path, device: &str) -> Vec<String> {
 fn linux_vhost_user_blk() {
     let dir = test_dir("e2e-vu-blk");
     let sock = dir.join("blk.sock");
-    let image = dir.join("disk.img");
-    {
-        let mut f = std::fs::File::create(&image).unwrap();
-        let block: Vec<u8> = (0..1024 * 1024u32)
-            .map(|i| (i * 7 + i / 4096) as u8)
-            .collect();
-        for _ in 0..64 {
-            f.write_all(&block).unwrap();
-        }
-        f.seek(SeekFrom::Start(1 << 20)).unwrap();
-        f.write_all(b"UNIDEV-HOST-MARKER").unwrap();
-    }
+    let image = blk_scenario_image(&dir);
     let daemon = Daemon::serve(
         &dir,
         "unidev",
@@ -57,27 +46,7 @@ fn linux_vhost_user_blk() {
     );
     let log = daemon.log_text();
     drop(daemon);
-    assert!(
-        guest.success,
-        "guest failed:\n{}\n--- daemon ---\n{log}",
-        guest.log
-    );
-    for check in [
-        "vda-present",
-        "host-marker-read",
-        "guest-marker-written",
-        "sequential-16m",
-    ] {
-        assert!(guest.passed(check), "{check} did not pass:\n{}", guest.log);
-    }
-    let mut f = std::fs::File::open(&image).unwrap();
-    f.seek(SeekFrom::Start(2 << 20)).unwrap();
-    let mut got = [0u8; 19];
-    f.read_exact(&mut got).unwrap();
-    assert_eq!(
-        &got, b"UNIDEV-GUEST-MARKER",
-        "the guest's synced write is in the image"
-    );
+    check_blk_scenario(&guest, &image, &log);
 }
 
 #[test]
@@ -104,13 +73,5 @@ fn linux_vhost_user_rng() {
         "",
         &vhost_user_args(&sock, "vhost-user-rng-pci"),
     );
-    let log = daemon.log_text();
-    assert!(
-        guest.success,
-        "guest failed:\n{}\n--- daemon ---\n{log}",
-        guest.log
-    );
-    for check in ["rng-current-virtio", "hwrng-bytes", "hwrng-random"] {
-        assert!(guest.passed(check), "{check} did not pass:\n{}", guest.log);
-    }
+    check_rng_scenario(&guest, &daemon.log_text());
 }

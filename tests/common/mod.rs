@@ -193,3 +193,75 @@ pub fn vfio_user_device(sock: &Path) -> String {
         sock.display()
     )
 }
+
+/// The image of the virtio-blk guest scenario (guest/virtio-blk-init.sh): 64 MiB of a
+/// recognizable pattern with the host's marker at 1 MiB.
+pub fn blk_scenario_image(dir: &Path) -> PathBuf {
+    use std::io::{Seek, SeekFrom, Write};
+    let image = dir.join("disk.img");
+    let mut f = std::fs::File::create(&image).unwrap();
+    let block: Vec<u8> = (0..1024 * 1024u32)
+        .map(|i| (i * 7 + i / 4096) as u8)
+        .collect();
+    for _ in 0..64 {
+        f.write_all(&block).unwrap();
+    }
+    f.seek(SeekFrom::Start(1 << 20)).unwrap();
+    f.write_all(b"UNIDEV-HOST-MARKER").unwrap();
+    image
+}
+
+/// Check the virtio-blk guest scenario: every guest check passed, the guest's 16 MiB
+/// read matches the image (read after the guest's write), and the guest's synced marker
+/// is in the image file.
+pub fn check_blk_scenario(guest: &GuestRun, image: &Path, daemon_log: &str) {
+    use std::io::{Read, Seek, SeekFrom};
+    assert!(
+        guest.success,
+        "guest failed:\n{}\n--- daemon ---\n{daemon_log}",
+        guest.log
+    );
+    for check in [
+        "vda-present",
+        "host-marker-read",
+        "guest-marker-written",
+        "sequential-16m",
+    ] {
+        assert!(guest.passed(check), "{check} did not pass:\n{}", guest.log);
+    }
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("head -c 16777216 '{}' | md5sum", image.display()))
+        .output()
+        .unwrap();
+    let want = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(
+        guest.value("UNIDEV-E2E-MD5"),
+        Some(want),
+        "the guest's 16 MiB read differs from the image"
+    );
+    let mut f = std::fs::File::open(image).unwrap();
+    f.seek(SeekFrom::Start(2 << 20)).unwrap();
+    let mut got = [0u8; 19];
+    f.read_exact(&mut got).unwrap();
+    assert_eq!(
+        &got, b"UNIDEV-GUEST-MARKER",
+        "the guest's synced write is in the image"
+    );
+}
+
+/// Check the virtio-rng guest scenario (guest/virtio-rng-init.sh).
+pub fn check_rng_scenario(guest: &GuestRun, daemon_log: &str) {
+    assert!(
+        guest.success,
+        "guest failed:\n{}\n--- daemon ---\n{daemon_log}",
+        guest.log
+    );
+    for check in ["rng-current-virtio", "hwrng-bytes", "hwrng-random"] {
+        assert!(guest.passed(check), "{check} did not pass:\n{}", guest.log);
+    }
+}
