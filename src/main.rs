@@ -19,6 +19,7 @@ use log::{error, info};
 use unidev_backends::gpio::IdioGpioCard;
 use unidev_backends::virtio_blk::{BlkOptions, VirtioBlk};
 use unidev_backends::virtio_rng::VirtioRng;
+use unidev_compat::vhost_user_proxy::VhostUserProxy;
 use unidev_core::dispatch::StopHandle;
 use unidev_core::memory::DmaSpace;
 use unidev_core::pci::SharedPciDevice;
@@ -135,6 +136,20 @@ enum DeviceArgs {
     VirtioRng {
         #[command(flatten)]
         virtio: VirtioArgs,
+    },
+    /// An existing vhost-user backend process (qemu-storage-daemon, vhost-device-*,
+    /// virtiofsd) presented as a virtio-pci device: unidev is its vhost-user frontend and
+    /// passes memory fds, kick and call eventfds through (no copies).
+    VhostUserProxy {
+        /// The backend process's vhost-user socket.
+        #[arg(long)]
+        backend_socket: PathBuf,
+        /// Virtio device type of the backend (2 = block, 4 = entropy, 26 = fs, ...).
+        #[arg(long)]
+        virtio_id: u32,
+        /// Number of queues to use.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=128))]
+        queues: u16,
     },
 }
 
@@ -273,6 +288,36 @@ fn make_device(
                 transport,
             )
         }
+        DeviceArgs::VhostUserProxy {
+            backend_socket,
+            virtio_id,
+            queues,
+        } => {
+            if transport != Transport::VfioUser {
+                return Err("vhost-user-proxy puts a vhost-user backend behind vfio-user: \
+                            use --transport vfio-user"
+                    .into());
+            }
+            let proxy = VhostUserProxy::connect(
+                backend_socket,
+                *virtio_id,
+                usize::from(*queues),
+                dma.clone(),
+            )
+            .map_err(|e| {
+                format!(
+                    "vhost-user-proxy: cannot use the backend at {}: {e}",
+                    backend_socket.display()
+                )
+            })?;
+            info!(
+                "vhost-user-proxy: virtio device type {virtio_id} at {}",
+                backend_socket.display()
+            );
+            let pci = VirtioPci::new("vhost-user-proxy", proxy, dma, VirtioPciOptions::default())
+                .map_err(|e| format!("vhost-user-proxy: {e}"))?;
+            Ok(Built::Pci(Arc::new(Mutex::new(pci))))
+        }
         DeviceArgs::VirtioRng { virtio } => {
             let rng = VirtioRng::new().map_err(|e| format!("virtio-rng: {e}"))?;
             virtio_device(
@@ -292,6 +337,7 @@ const VIRTIO_ID_RNG: u32 = 4;
 
 fn device_name(dev: &DeviceArgs) -> &'static str {
     match dev {
+        DeviceArgs::VhostUserProxy { .. } => "vhost-user-proxy",
         DeviceArgs::Gpio { .. } => "gpio",
         DeviceArgs::VirtioBlk { .. } => "virtio-blk",
         DeviceArgs::VirtioRng { .. } => "virtio-rng",

@@ -588,18 +588,22 @@ impl VirtioDevice for VhostUserProxy {
             return;
         }
         let len = data.len().min((CONFIG_SPACE_MAX - offset) as usize);
+        // Ask from offset 0, as QEMU's frontend always does: libvhost-user based
+        // backends (qemu-storage-daemon's exports) ignore the offset field.
+        let whole = offset as usize + len;
         let res = self.exchange(&mut inner, "GET_CONFIG", |s| {
             s.fe.get_config(
-                offset,
-                len as u32,
+                0,
+                whole as u32,
                 VhostUserConfigFlags::empty(),
-                &vec![0u8; len],
+                &vec![0u8; whole],
             )
         });
         match res {
             Ok((_, payload)) => {
-                let n = payload.len().min(len);
-                data[..n].copy_from_slice(&payload[..n]);
+                let part = payload.get(offset as usize..).unwrap_or(&[]);
+                let n = part.len().min(len);
+                data[..n].copy_from_slice(&part[..n]);
             }
             // The backend's config may be shorter than asked: zeros past its end.
             Err(e) => debug!("config read {offset:#x}+{len}: {e}"),
