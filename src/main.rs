@@ -294,9 +294,11 @@ fn make_device(
             queues,
         } => {
             if transport != Transport::VfioUser {
-                return Err("vhost-user-proxy puts a vhost-user backend behind vfio-user: \
+                return Err(
+                    "vhost-user-proxy puts a vhost-user backend behind vfio-user: \
                             use --transport vfio-user"
-                    .into());
+                        .into(),
+                );
             }
             let proxy = VhostUserProxy::connect(
                 backend_socket,
