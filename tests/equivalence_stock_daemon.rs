@@ -1,7 +1,8 @@
 //! The same backend object, driven with the same request script through unidev's core
-//! dispatch (virtio-pci over vfio-user) and through vhost-user-backend's stock
-//! `VhostUserDaemon` (over vhost-user, with the `vhost` crate's `Frontend`), gives
-//! identical results: statuses, data returned, and the bytes left in the image.
+//! dispatch — over vfio-user (virtio-pci) and over unidev's vhost-user transport — and
+//! through vhost-user-backend's stock `VhostUserDaemon` (the `vhost` crate's `Frontend`
+//! as the client), gives identical results: statuses, data returned, and the bytes left
+//! in the image.
 
 mod common;
 
@@ -20,6 +21,7 @@ use unidev_transports::vfio_user::virtio_driver::{
     Virtqueue,
 };
 use unidev_transports::vfio_user::{ServerConfig, VfioUserClient, VfioUserServer};
+use unidev_transports::vhost_user::VhostUserServer;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -132,7 +134,41 @@ fn through_stock_daemon(
         let _ = daemon.serve(&s2);
     });
     common::wait_for(10, "the stock daemon's socket", || sock.exists());
-    let mut fe = Frontend::connect(&sock, 1).unwrap();
+    let out = drive_over_vhost_user(&sock, event_idx);
+    t.join().unwrap();
+    out
+}
+
+/// Run the script through unidev's own vhost-user transport (LocalVirtio behind
+/// VhostUserServer): the same backend, the same dispatch as over vfio-user.
+fn through_unidev_vhost_user(
+    backend: Arc<VirtioBlk>,
+    event_idx: bool,
+    dir: &Path,
+) -> Vec<BlkCompletion> {
+    let dma = Arc::new(DmaSpace::default());
+    let local =
+        LocalVirtio::new(VIRTIO_ID_BLOCK, backend, &dma, DispatchOptions::default()).unwrap();
+    let sock = dir.join(format!("unidev-vu-{event_idx}.sock"));
+    let server = VhostUserServer::new(
+        "equiv-vu",
+        listener::bind(&sock, 0o600).unwrap(),
+        local,
+        dma,
+    )
+    .unwrap();
+    let stop = server.stop_handle();
+    let t = std::thread::spawn(move || server.run().unwrap());
+    let out = drive_over_vhost_user(&sock, event_idx);
+    stop.stop();
+    t.join().unwrap();
+    out
+}
+
+/// Be a vhost-user frontend on `sock`: negotiate, share a memfd, set up one vring and
+/// run the script.
+fn drive_over_vhost_user(sock: &Path, event_idx: bool) -> Vec<BlkCompletion> {
+    let mut fe = Frontend::connect(sock, 1).unwrap();
     fe.set_owner().unwrap();
     let offered = fe.get_features().unwrap();
     let features = offered
@@ -198,7 +234,6 @@ fn through_stock_daemon(
         mem.free(buf).unwrap();
     }
     drop(fe);
-    t.join().unwrap();
     out
 }
 
@@ -223,8 +258,19 @@ fn same_backend_same_script_same_results() {
         let ours = through_unidev(backend.clone(), event_idx, &dir);
         let ours_image = std::fs::read(&image).unwrap();
         reset_image(&image);
+        let ours_vu = through_unidev_vhost_user(backend.clone(), event_idx, &dir);
+        let ours_vu_image = std::fs::read(&image).unwrap();
+        reset_image(&image);
         let stock = through_stock_daemon(backend.clone(), event_idx, &dir);
         let stock_image = std::fs::read(&image).unwrap();
+        assert_eq!(
+            ours_vu, stock,
+            "unidev vhost-user vs stock (event_idx {event_idx})"
+        );
+        assert!(
+            ours_vu_image == stock_image,
+            "images differ over vhost-user"
+        );
         assert_eq!(ours.len(), script().len());
         for (i, (a, b)) in ours.iter().zip(&stock).enumerate() {
             assert_eq!(a, b, "request {i} (event_idx {event_idx}) differs");
