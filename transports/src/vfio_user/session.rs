@@ -216,6 +216,9 @@ pub struct Session {
     pub(crate) inbox_wake: EventFd,
     /// Set when the session must end after the current message.
     closing: bool,
+    /// Size and permissions of regions 0..=8, read once: a device's regions do not
+    /// change, and the data path (notify writes) should not ask the device each time.
+    region_limits: Vec<(u64, bool, bool)>,
 }
 
 /// Whether the session goes on after a message.
@@ -236,9 +239,16 @@ impl Session {
         config: ServerConfig,
     ) -> io::Result<Self> {
         sock.set_timeout(Some(config.io_timeout))?;
-        let (dma, irqs) = {
+        let (dma, irqs, region_limits) = {
             let d = device.lock().unwrap_or_else(|e| e.into_inner());
-            (d.dma().clone(), d.interrupts().clone())
+            let limits = (0..PCI_NUM_REGIONS)
+                .filter_map(region_of)
+                .map(|r| {
+                    let i = d.region_info(r);
+                    (i.size, i.read, i.write)
+                })
+                .collect();
+            (d.dma().clone(), d.interrupts().clone(), limits)
         };
         Ok(Session {
             name,
@@ -251,6 +261,7 @@ impl Session {
             inbox: Arc::new(Inbox::default()),
             inbox_wake: EventFd::new(libc::EFD_NONBLOCK)?,
             closing: false,
+            region_limits,
         })
     }
 
@@ -829,7 +840,19 @@ impl Session {
         if len > self.config.max_data_xfer_size as usize {
             return err(libc::E2BIG);
         }
-        let info = self.lock_device().region_info(region);
+        let index = match region {
+            PciRegion::Bar(b) => usize::from(b),
+            PciRegion::Rom => 6,
+            PciRegion::Config => 7,
+            PciRegion::Vga => 8,
+        };
+        let (size, read, write_ok) = self.region_limits.get(index).copied().unwrap_or_default();
+        let info = unidev_core::pci::RegionInfo {
+            size,
+            read,
+            write: write_ok,
+            mmap: None,
+        };
         check_access(region, &info, offset, len, write).map_err(|e| {
             warn!("{}: {e}", self.name);
             e.errno()
