@@ -511,6 +511,16 @@ impl VhostUserProxy {
         })
     }
 
+    /// Close the connection to the backend (a vhost-user backend typically exits when
+    /// its frontend leaves). Later operations fail until [`reconnect`](Self::reconnect).
+    pub fn disconnect(&self) {
+        let mut inner = self.lock();
+        for q in &mut inner.queues {
+            q.running = None;
+        }
+        inner.session = None;
+    }
+
     /// Connect to the socket again (after the backend process was restarted) and replay
     /// what was negotiated: features, the memory table, and the running queues (resumed
     /// at the used ring's index: requests that were in flight when the old process died
