@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use unidev_backends::virtio_blk::{BlkOptions, VirtioBlk, VIRTIO_ID_BLOCK};
 use unidev_compat::vhost_user_proxy::{ProxyOptions, VhostUserProxy};
 use unidev_core::dispatch::StopHandle;
-use unidev_core::memory::DmaSpace;
-use unidev_core::virtio::{VirtioDevice, VirtioPci, VirtioPciOptions};
+use unidev_core::memory::{DmaSpace, MapRequest, Prot};
+use unidev_core::virtio::{QueueConfig, QueueError, VirtioDevice, VirtioPci, VirtioPciOptions};
 use unidev_transports::listener;
 use unidev_transports::vfio_user::virtio_driver::{
     DriverOptions, VirtioBlkRequest, VirtioPciDriver,
@@ -23,6 +23,7 @@ use unidev_transports::vfio_user::virtio_driver::{
 use unidev_transports::vfio_user::{ServerConfig, VfioUserClient, VfioUserServer};
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const IMAGE: usize = 1 << 20;
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -219,6 +220,43 @@ fn data_flows_through_the_stock_daemon_in_process() {
         drop(d);
         drop(served);
     }
+
+    // Rings the backend cannot reach are refused before anything is sent: maps without
+    // an fd are not in the snapshot, and cannot be passed on.
+    dma.map(MapRequest {
+        iova: 0x9000_0000,
+        size: 0x10000,
+        prot: Prot::READ_WRITE,
+        backing: None,
+    })
+    .unwrap();
+    let cfg = |size| QueueConfig {
+        size,
+        desc: 0x9000_0000,
+        avail: 0x9000_1000,
+        used: 0x9000_2000,
+        kick: EventFd::new(EFD_NONBLOCK).unwrap(),
+        call: None,
+        next_avail: 0,
+        next_used: 0,
+    };
+    assert!(matches!(
+        proxy.start_queue(0, cfg(64)),
+        Err(QueueError::BadRings(0))
+    ));
+    assert!(matches!(
+        proxy.start_queue(1, cfg(64)),
+        Err(QueueError::NoSuchQueue(1))
+    ));
+    assert!(matches!(
+        proxy.start_queue(0, cfg(512)),
+        Err(QueueError::BadSize { .. })
+    ));
+    assert!(matches!(
+        proxy.start_queue(0, cfg(3)),
+        Err(QueueError::BadSize { .. })
+    ));
+    assert_eq!(proxy.stop_queue(0), None, "never started");
 
     // The frontend leaving ends the stock daemon.
     assert!(proxy.is_alive());
