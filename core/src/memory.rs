@@ -435,7 +435,11 @@ impl DmaSpace {
             .ok_or(MemoryError::NoSuchMap { iova, size })?;
         if removed.has_fd() {
             table.stale = true;
-            self.publish_locked(&mut table);
+            let changed = self.publish_locked(&mut table);
+            drop(table);
+            if changed {
+                self.notify_listeners();
+            }
         }
         Ok(removed)
     }
@@ -708,6 +712,45 @@ mod tests {
             s.read(0x100010, &mut buf).unwrap_err().errno(),
             libc::EFAULT
         );
+    }
+
+    #[test]
+    fn listeners_hear_every_snapshot_change_including_unmaps() {
+        let s = DmaSpace::default();
+        let heard = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let h = heard.clone();
+        s.subscribe(Arc::new(move |_| {
+            h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }));
+        let backed = |iova| MapRequest {
+            iova,
+            size: 0x1000,
+            prot: Prot::READ_WRITE,
+            backing: Some(FdBacking {
+                file: memfd(0x1000),
+                offset: 0,
+            }),
+        };
+        s.map(backed(0)).unwrap();
+        s.map(backed(0x1000)).unwrap();
+        assert!(s.publish());
+        assert_eq!(
+            heard.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "one publish"
+        );
+        s.unmap(0, 0x1000).unwrap();
+        assert_eq!(heard.load(std::sync::atomic::Ordering::SeqCst), 2, "unmap");
+        s.unmap_all();
+        assert_eq!(
+            heard.load(std::sync::atomic::Ordering::SeqCst),
+            3,
+            "unmap all"
+        );
+        // Maps without an fd do not change the snapshot: nobody is told.
+        s.map(anon(0x10000, 0x1000)).unwrap();
+        s.unmap(0x10000, 0x1000).unwrap();
+        assert_eq!(heard.load(std::sync::atomic::Ordering::SeqCst), 3);
     }
 
     #[test]

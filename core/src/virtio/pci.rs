@@ -281,9 +281,10 @@ impl VirtioPci {
             relay_fds,
         });
         // Vector eventfds attached or replaced by the client reach the queues at once.
-        let r = router.clone();
+        // A weak reference: the router owns the device and must die with the function.
+        let r = Arc::downgrade(&router);
         irqs.subscribe(Arc::new(move |kind| {
-            if kind == IrqKind::Msix {
+            if let (IrqKind::Msix, Some(r)) = (kind, r.upgrade()) {
                 r.refresh();
             }
         }));
@@ -1200,6 +1201,18 @@ mod tests {
         assert_eq!(r8(&mut p, ISR), 1);
         assert_eq!(r8(&mut p, ISR), 0, "reading clears");
         assert!(!p.irqs.intx_level());
+    }
+
+    #[test]
+    fn dropping_the_function_releases_the_virtio_device() {
+        let (p, rec) = make(false);
+        assert!(Arc::strong_count(&rec) > 1);
+        drop(p);
+        assert_eq!(
+            Arc::strong_count(&rec),
+            1,
+            "no reference cycle keeps the device alive"
+        );
     }
 
     #[test]
