@@ -330,7 +330,26 @@ impl VhostUserProxy {
         dma.subscribe(Arc::new(move |snap: &GuestMemorySnapshot| {
             if let Some(p) = weak.upgrade() {
                 let mut inner = p.lock();
-                p.sync_mem_table(&mut inner, snap, false);
+                // Only while rings run (stopped rings get the current table at
+                // start_queue): a client remaps memory freely while the device is
+                // stopped (SeaBIOS does, after driving the disk itself).
+                let mem = snap.memory();
+                let covered = |a: u64| mem.find_region(vm_memory::GuestAddress(a)).is_some();
+                let running: Vec<&Running> = inner
+                    .queues
+                    .iter()
+                    .filter_map(|q| q.running.as_ref())
+                    .collect();
+                // While rings run, never send a table that drops them (the client is in
+                // the middle of an unmap/remap): libvhost-user backends abort on that.
+                // The remap that follows brings a table that covers them again.
+                let keeps_rings = running
+                    .iter()
+                    .all(|r| covered(r.desc) && covered(r.avail) && covered(r.used));
+                if !running.is_empty() && keeps_rings {
+                    drop(mem);
+                    p.sync_mem_table(&mut inner, snap, false);
+                }
             }
         }));
         Ok(proxy)
