@@ -349,6 +349,10 @@ impl VhostUserProxy {
                 if !running.is_empty() && keeps_rings {
                     drop(mem);
                     p.sync_mem_table(&mut inner, snap, false);
+                } else {
+                    // Not sent: make sure the next sync sends whatever table is current
+                    // (a new mapping may reuse the old addresses with a new fd).
+                    inner.table.clear();
                 }
             }
         }));
