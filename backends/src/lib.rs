@@ -15,3 +15,4 @@
 pub mod gpio;
 pub mod virtio_blk;
 pub mod virtio_rng;
+mod vring_loop;

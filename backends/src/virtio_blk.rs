@@ -1190,28 +1190,9 @@ impl VhostUserBackend for VirtioBlk {
             self.drain(vring, m, &mut sc, false);
             return Ok(());
         }
-        let mut idle_rounds = 0;
-        loop {
-            if let Err(e) = vring.disable_notification() {
-                debug!("virtio-blk: cannot disable notifications: {e}");
-            }
-            let progressed = self.drain(vring, m, &mut sc, true);
-            match vring.enable_notification() {
-                Ok(true) if progressed => idle_rounds = 0,
-                // New buffers were announced but none could be taken: once may be a race
-                // with the driver, twice is a broken available ring.
-                Ok(true) if idle_rounds == 0 => idle_rounds = 1,
-                Ok(true) => {
-                    debug!("virtio-blk: the available ring index is inconsistent");
-                    break;
-                }
-                Ok(false) => break,
-                Err(e) => {
-                    debug!("virtio-blk: cannot enable notifications: {e}");
-                    break;
-                }
-            }
-        }
+        crate::vring_loop::drain_with_event_idx("virtio-blk", vring, || {
+            self.drain(vring, m, &mut sc, true)
+        });
         Ok(())
     }
 }

@@ -270,28 +270,7 @@ impl VhostUserBackend for VirtioRng {
             self.drain(vring, m, false);
             return Ok(());
         }
-        let mut idle_rounds = 0;
-        loop {
-            if let Err(e) = vring.disable_notification() {
-                debug!("virtio-rng: cannot disable notifications: {e}");
-            }
-            let progressed = self.drain(vring, m, true);
-            match vring.enable_notification() {
-                Ok(true) if progressed => idle_rounds = 0,
-                // Announced buffers none of which could be taken: once may be a race with
-                // the driver, twice is a broken available ring.
-                Ok(true) if idle_rounds == 0 => idle_rounds = 1,
-                Ok(true) => {
-                    debug!("virtio-rng: the available ring index is inconsistent");
-                    break;
-                }
-                Ok(false) => break,
-                Err(e) => {
-                    debug!("virtio-rng: cannot enable notifications: {e}");
-                    break;
-                }
-            }
-        }
+        crate::vring_loop::drain_with_event_idx("virtio-rng", vring, || self.drain(vring, m, true));
         Ok(())
     }
 }
