@@ -8,15 +8,29 @@
 //! * [`control`] — `/dev/vduse/control`: API version, create and destroy, and errors
 //!   that say which modules or privileges are missing.
 //! * [`iotlb`] — the kernel's IOTLB mirrored into the device's [`DmaSpace`].
+//! * [`session`] — the request channel (GET_VQ_STATE, SET_STATUS, UPDATE_IOTLB)
+//!   translated into core calls, with kick and interrupt relays on the dispatch.
+//! * [`server`] — one device's life: create, serve on an [`EventLoop`], destroy.
+//! * [`vdpa_netlink`] — attaching the device to the vDPA bus (`vdpa dev add`) over generic
+//!   netlink, and making sure the requested bus driver binds it.
 //!
 //! The kernel (6.12) accepts virtio-blk and virtio-net devices only, requires
 //! `VIRTIO_F_ACCESS_PLATFORM`, and exposes the config space read-only.
 //!
 //! [`VirtioDevice`]: unidev_core::virtio::VirtioDevice
 //! [`DmaSpace`]: unidev_core::memory::DmaSpace
+//! [`EventLoop`]: unidev_core::dispatch::EventLoop
 
 pub mod control;
 pub mod iotlb;
+pub mod server;
+pub mod session;
 pub mod uapi;
+pub mod vdpa_netlink;
+
+#[cfg(test)]
+mod session_tests;
 
 pub use control::{VduseError, DEFAULT_CONTROL_PATH};
+pub use server::{VduseOptions, VduseServer};
+pub use vdpa_netlink::{attach, Attachment, NetlinkVdpa, VdpaBus, VdpaDriver, VdpaError};
