@@ -1,8 +1,10 @@
 //! `unidev`: the device daemon.
 //!
 //! `unidev serve --transport vfio-user --socket-path PATH [options] <DEVICE> [device
-//! options]` exports one device; `unidev` alone starts the default demo (a virtio-blk on
-//! a scratch image, on `./unidev-blk.sock`) and prints the QEMU command line for it.
+//! options]` exports one device; `unidev serve --transport vduse --name NAME [--attach
+//! virtio-vdpa|vhost-vdpa] virtio-blk --file F` makes it a kernel VDUSE device; `unidev`
+//! alone starts the default demo (a virtio-blk on a scratch image, on
+//! `./unidev-blk.sock`) and prints the QEMU command line for it.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -20,13 +22,16 @@ use unidev_backends::gpio::IdioGpioCard;
 use unidev_backends::virtio_blk::{BlkOptions, VirtioBlk};
 use unidev_backends::virtio_rng::VirtioRng;
 use unidev_compat::vhost_user_proxy::VhostUserProxy;
-use unidev_core::dispatch::StopHandle;
+use unidev_core::dispatch::{EventLoop, StopHandle};
 use unidev_core::memory::DmaSpace;
 use unidev_core::pci::SharedPciDevice;
 use unidev_core::virtio::{
     DispatchOptions, LocalVirtio, VirtioDevice, VirtioPci, VirtioPciOptions,
 };
 use unidev_transports::listener;
+use unidev_transports::vduse::{
+    attach, NetlinkVdpa, VdpaBus, VdpaDriver, VduseOptions, VduseServer, DEFAULT_CONTROL_PATH,
+};
 use unidev_transports::vfio_user::{DmaRwLayout, ServerConfig, VfioUserServer};
 use unidev_transports::vhost_user::VhostUserServer;
 
@@ -61,6 +66,18 @@ enum Transport {
     VfioUser,
     /// vhost-user (QEMU's vhost-user-*-pci devices): virtio devices.
     VhostUser,
+    /// VDUSE (a Linux vDPA device in userspace): virtio-blk for this kernel (virtio-vdpa)
+    /// or for a VMM (vhost-vdpa).
+    Vduse,
+}
+
+/// The vDPA bus driver a VDUSE device is bound to.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum AttachArg {
+    /// virtio_vdpa: the device appears in this kernel (e.g. /dev/vdX).
+    VirtioVdpa,
+    /// vhost_vdpa: the device appears as /dev/vhost-vdpa-N for a VMM.
+    VhostVdpa,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -77,7 +94,7 @@ struct ServeArgs {
     #[arg(long, value_enum)]
     transport: Transport,
     /// Path of the listening socket (created; an old socket there is replaced).
-    #[arg(long, required_unless_present = "fd", conflicts_with = "fd")]
+    #[arg(long, required_unless_present_any = ["fd", "name"], conflicts_with = "fd")]
     socket_path: Option<PathBuf>,
     /// Serve an inherited, already-listening socket instead (socket activation).
     #[arg(long)]
@@ -100,6 +117,16 @@ struct ServeArgs {
     /// Seconds a client may stall inside a message before it is dropped.
     #[arg(long, default_value_t = 10)]
     io_timeout_secs: u64,
+    /// VDUSE: the device name (/dev/vduse/NAME, and the vDPA device's name).
+    #[arg(long, conflicts_with_all = ["socket_path", "fd"], required_if_eq("transport", "vduse"))]
+    name: Option<String>,
+    /// VDUSE: add the device to the vDPA bus (as `vdpa dev add` does) bound to this
+    /// driver; it is removed again on shutdown. Without it, attach it yourself.
+    #[arg(long, value_enum)]
+    attach: Option<AttachArg>,
+    /// VDUSE: the control device.
+    #[arg(long, default_value = DEFAULT_CONTROL_PATH)]
+    vduse_control: PathBuf,
     #[command(subcommand)]
     device: DeviceArgs,
 }
@@ -221,7 +248,7 @@ where
         },
     )
     .map_err(|e| format!("{name}: cannot start queues: {e}"))?;
-    if transport == Transport::VhostUser {
+    if transport != Transport::VfioUser {
         return Ok(Built::Virtio(local));
     }
     let pci = VirtioPci::new(
@@ -246,7 +273,7 @@ fn make_device(
             if transport != Transport::VfioUser {
                 return Err(
                     "gpio is a full PCI device: it needs the vfio-user transport \
-                     (vhost-user carries virtio devices only)"
+                     (vhost-user and VDUSE carry virtio devices only)"
                         .into(),
                 );
             }
@@ -457,6 +484,12 @@ fn make_server(
 }
 
 fn serve(args: ServeArgs) -> Result<(), String> {
+    if args.transport == Transport::Vduse {
+        return serve_vduse(args);
+    }
+    if args.name.is_some() || args.attach.is_some() {
+        return Err("--name and --attach apply to --transport vduse only".into());
+    }
     let name = device_name(&args.device);
     let dma = Arc::new(DmaSpace::new(args.max_dma_maps));
     let device = make_device(&args.device, dma.clone(), args.transport)?;
@@ -483,6 +516,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     let transport = match args.transport {
         Transport::VfioUser => "vfio-user",
         Transport::VhostUser => "vhost-user",
+        Transport::Vduse => "vduse",
     };
     info!("{name}: {transport} server listening on {shown}");
     let result = server.run().map_err(|e| format!("server failed: {e}"));
@@ -490,6 +524,83 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         let _ = std::fs::remove_file(path);
     }
     result
+}
+
+/// `serve --transport vduse`: create the VDUSE device, serve it on its own thread,
+/// optionally attach it to the vDPA bus; on SIGTERM/SIGINT detach it (while its requests
+/// are still served: the driver resets the device on removal), then stop serving, which
+/// destroys the device.
+fn serve_vduse(args: ServeArgs) -> Result<(), String> {
+    let name = args
+        .name
+        .clone()
+        .ok_or("--transport vduse needs --name NAME (the /dev/vduse/NAME device)")?;
+    let dma = Arc::new(DmaSpace::new(args.max_dma_maps));
+    let Built::Virtio(device) = make_device(&args.device, dma.clone(), Transport::Vduse)? else {
+        return Err(format!(
+            "{}: VDUSE carries virtio devices only",
+            device_name(&args.device)
+        ));
+    };
+    let mut options = VduseOptions::new(&name);
+    options.control_path = args.vduse_control.clone();
+    let server = VduseServer::create(&options, device, dma).map_err(|e| e.to_string())?;
+    let server_stop = server.stop_handle();
+
+    // Ended by a signal, or by the server thread when it stops on its own.
+    let mut shutdown =
+        EventLoop::new().map_err(|e| format!("cannot create the shutdown waiter: {e}"))?;
+    let wake = shutdown.stop_handle();
+    install_signal_handlers(vec![wake.clone()])
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let thread = std::thread::Builder::new()
+        .name(format!("vduse-{name}"))
+        .spawn(move || {
+            let result = server.run();
+            wake.stop();
+            result
+        })
+        .map_err(|e| format!("cannot start the VDUSE thread: {e}"))?;
+    let join = |thread: std::thread::JoinHandle<io::Result<()>>| match thread.join() {
+        Ok(r) => r.map_err(|e| format!("VDUSE device {name}: {e}")),
+        Err(_) => Err(format!("VDUSE device {name}: the server thread panicked")),
+    };
+
+    let attachment = match args.attach {
+        None => {
+            info!(
+                "VDUSE device {name} ready; attach it with `vdpa dev add name {name} mgmtdev vduse`"
+            );
+            None
+        }
+        Some(which) => {
+            let driver = match which {
+                AttachArg::VirtioVdpa => VdpaDriver::VirtioVdpa,
+                AttachArg::VhostVdpa => VdpaDriver::VhostVdpa,
+            };
+            let attached =
+                NetlinkVdpa::open().and_then(|nl| attach(nl, &VdpaBus::default(), &name, driver));
+            match attached {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    server_stop.stop();
+                    let _ = join(thread);
+                    return Err(format!("cannot attach VDUSE device {name}: {e}"));
+                }
+            }
+        }
+    };
+    info!("{name}: VDUSE device serving");
+    if let Err(e) = shutdown.run() {
+        error!("shutdown waiter failed: {e}");
+    }
+    if let Some(a) = attachment {
+        if let Err(e) = a.detach() {
+            error!("{e}");
+        }
+    }
+    server_stop.stop();
+    join(thread)
 }
 
 fn run(path: &std::path::Path) -> Result<(), String> {
@@ -583,6 +694,9 @@ fn demo() -> Result<(), String> {
         max_data_xfer_size: 1 << 20,
         dma_rw_layout: LayoutArg::Qemu,
         io_timeout_secs: 10,
+        name: None,
+        attach: None,
+        vduse_control: PathBuf::from(DEFAULT_CONTROL_PATH),
         device: DeviceArgs::VirtioBlk {
             file: image,
             readonly: false,
