@@ -3,7 +3,9 @@
 //! is exported by `VhostUserServer`; split rings are built in a memfd with the driver
 //! library's `DriverMemory` / `Virtqueue`.
 
+use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
@@ -16,7 +18,7 @@ use unidev_transports::listener;
 use unidev_transports::vfio_user::virtio_driver::{DriverMemory, Virtqueue};
 use unidev_transports::vhost_user::VhostUserServer;
 use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -41,10 +43,16 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 type Memory = GuestMemoryAtomic<GuestMemoryMmap<()>>;
 
 /// Fills each device-writable buffer with `FILL` and reports the bytes written.
+///
+/// With `hold_after` set it behaves like an asynchronous backend: after that many
+/// completions it keeps popping requests but holds them instead of completing them; a
+/// device reset drops what it holds (as a restarted process would).
 struct Echo {
     mem: RwLock<Option<Memory>>,
     config: Mutex<Vec<u8>>,
     acked: Mutex<u64>,
+    hold_after: Mutex<Option<usize>>,
+    held: Mutex<Vec<u16>>,
 }
 
 impl Echo {
@@ -53,7 +61,22 @@ impl Echo {
             mem: RwLock::new(None),
             config: Mutex::new((0x10..0x18).collect()),
             acked: Mutex::new(0),
+            hold_after: Mutex::new(None),
+            held: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Whether the next popped request is to be held rather than completed.
+    fn hold_next(&self) -> bool {
+        let mut hold = self.hold_after.lock().unwrap();
+        match hold.as_mut() {
+            Some(0) => true,
+            Some(n) => {
+                *n -= 1;
+                false
+            }
+            None => false,
+        }
     }
 }
 
@@ -82,6 +105,10 @@ impl VhostUserBackend for Echo {
     }
 
     fn set_event_idx(&self, _enabled: bool) {}
+
+    fn reset_device(&self) {
+        self.held.lock().unwrap().clear();
+    }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         let cfg = self.config.lock().unwrap();
@@ -126,6 +153,10 @@ impl VhostUserBackend for Echo {
                 .pop_descriptor_chain(m.clone());
             let Some(chain) = chain else { break };
             let head = chain.head_index();
+            if self.hold_next() {
+                self.held.lock().unwrap().push(head);
+                continue;
+            }
             let mut written = 0u32;
             for desc in chain.filter(|d| d.is_write_only()) {
                 let fill = vec![FILL; desc.len() as usize];
@@ -255,6 +286,71 @@ fn setup_queue(fe: &mut Frontend, g: &Guest, index: usize, base: u16) -> Queue {
     Queue { vq, kick, call }
 }
 
+/// Set up ring `index` again on a ring that already exists in guest memory.
+fn attach_queue(fe: &mut Frontend, g: &Guest, index: usize, q: &Queue, base: u16) {
+    fe.set_vring_num(index, QSIZE).unwrap();
+    fe.set_vring_base(index, base).unwrap();
+    fe.set_vring_addr(index, &ring_config(g, &q.vq)).unwrap();
+    fe.set_vring_call(index, &q.call).unwrap();
+    fe.set_vring_kick(index, &q.kick).unwrap();
+    fe.set_vring_enable(index, true).unwrap();
+}
+
+/// Used entries that arrive within `within`, as (head, length).
+fn collect_used(q: &mut Queue, within: Duration) -> Vec<(u16, u32)> {
+    let deadline = Instant::now() + within;
+    let mut out = Vec::new();
+    while Instant::now() < deadline {
+        match q.vq.poll_used().unwrap() {
+            Some(used) => out.push(used),
+            None => std::thread::sleep(Duration::from_micros(200)),
+        }
+    }
+    out
+}
+
+/// A raw vhost-user request on the frontend's socket (for requests `Frontend` lacks).
+fn raw_request(sock: &mut UnixStream, request: u32, flags: u32, payload: &[u8]) {
+    let mut msg = Vec::new();
+    msg.extend_from_slice(&request.to_le_bytes());
+    msg.extend_from_slice(&(1 | flags).to_le_bytes());
+    msg.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    msg.extend_from_slice(payload);
+    sock.write_all(&msg).unwrap();
+}
+
+/// Read a reply carrying a u64: (request, flags, value).
+fn raw_reply_u64(sock: &mut UnixStream) -> (u32, u32, u64) {
+    let mut buf = [0u8; 20];
+    sock.read_exact(&mut buf).unwrap();
+    let word = |i: usize| u32::from_le_bytes(buf[i..i + 4].try_into().unwrap());
+    assert_eq!(word(8), 8, "reply size");
+    (
+        word(0),
+        word(4),
+        u64::from_le_bytes(buf[12..20].try_into().unwrap()),
+    )
+}
+
+const SET_STATUS: u32 = 39;
+const GET_STATUS: u32 = 40;
+const NEED_REPLY: u32 = 0x8;
+const REPLY: u32 = 0x4;
+
+fn get_status(sock: &mut UnixStream) -> u64 {
+    raw_request(sock, GET_STATUS, 0, &[]);
+    let (req, flags, value) = raw_reply_u64(sock);
+    assert_eq!((req, flags & REPLY), (GET_STATUS, REPLY));
+    value
+}
+
+fn set_status(sock: &mut UnixStream, status: u64) -> u64 {
+    raw_request(sock, SET_STATUS, NEED_REPLY, &status.to_le_bytes());
+    let (req, _, ack) = raw_reply_u64(sock);
+    assert_eq!(req, SET_STATUS);
+    ack
+}
+
 fn ring_config(g: &Guest, vq: &Virtqueue) -> VringConfigData {
     VringConfigData {
         queue_max_size: QSIZE,
@@ -322,6 +418,8 @@ fn feature_negotiation_and_config() {
         VhostUserProtocolFeatures::REPLY_ACK,
         VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS,
         VhostUserProtocolFeatures::RESET_DEVICE,
+        VhostUserProtocolFeatures::STATUS,
+        VhostUserProtocolFeatures::INFLIGHT_SHMFD,
     ] {
         assert!(pf.contains(f), "{f:?} not offered");
     }
@@ -538,4 +636,185 @@ fn call_fd_replaced_while_running_and_reset_device() {
     assert_eq!(round_trip(&mut q, &g, buf, 128), (128, true));
     // The memory table survives a device reset.
     assert_eq!(rig.dma.len(), 1);
+}
+
+#[test]
+fn status_is_kept_and_zero_resets_the_device() {
+    let rig = Rig::start("status");
+    let stream = UnixStream::connect(&rig.sock).unwrap();
+    let mut raw = stream.try_clone().unwrap();
+    let mut fe = Frontend::from_stream(stream, 8);
+    fe.set_owner().unwrap();
+    fe.get_features().unwrap();
+    let pf = fe.get_protocol_features().unwrap();
+    fe.set_protocol_features(pf).unwrap();
+    fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    fe.set_features(VERSION_1 | PROTOCOL_FEATURES).unwrap();
+    assert_eq!(get_status(&mut raw), 0);
+    // ACKNOWLEDGE | DRIVER | FEATURES_OK, then DRIVER_OK.
+    assert_eq!(set_status(&mut raw, 0xb), 0);
+    assert_eq!(get_status(&mut raw), 0xb);
+    assert_eq!(set_status(&mut raw, 0xf), 0);
+    assert_eq!(get_status(&mut raw), 0xf);
+    // Not a status byte: refused, nothing changes.
+    assert_ne!(set_status(&mut raw, 0x1_0000), 0);
+    assert_eq!(get_status(&mut raw), 0xf);
+
+    let g = Guest::new();
+    fe.set_mem_table(&[g.region(0, MEM)]).unwrap();
+    let mut q = setup_queue(&mut fe, &g, 0, 0);
+    let buf = BASE + (5 << 20);
+    assert_eq!(round_trip(&mut q, &g, buf, 256), (256, true));
+    // Status 0 resets the device: the ring stops; memory and features stay.
+    assert_eq!(set_status(&mut raw, 0), 0);
+    assert_eq!(get_status(&mut raw), 0);
+    let head = post(&mut q, &g, buf, 64);
+    assert_eq!(wait_used(&mut q, head, Duration::from_millis(300)), None);
+    assert_eq!(rig.dma.len(), 1);
+    // Interleaved with requests the crate handles, on the same connection.
+    assert_eq!(fe.get_queue_num().unwrap(), 2);
+    attach_queue(&mut fe, &g, 0, &q, 1);
+    assert_eq!(wait_used(&mut q, head, TIMEOUT), Some(64));
+    assert_eq!(set_status(&mut raw, 0xf), 0);
+    assert_eq!(get_status(&mut raw), 0xf);
+}
+
+#[test]
+fn a_ring_that_cannot_start_reports_needs_reset() {
+    let rig = Rig::start("needs-reset");
+    let stream = UnixStream::connect(&rig.sock).unwrap();
+    let mut raw = stream.try_clone().unwrap();
+    let mut fe = Frontend::from_stream(stream, 8);
+    fe.set_owner().unwrap();
+    fe.get_features().unwrap();
+    let pf = fe.get_protocol_features().unwrap();
+    fe.set_protocol_features(pf).unwrap();
+    fe.set_features(VERSION_1 | PROTOCOL_FEATURES).unwrap();
+    let g = Guest::new();
+    fe.set_mem_table(&[g.region(0, MEM)]).unwrap();
+    assert_eq!(set_status(&mut raw, 0xf), 0);
+    // A descriptor table that runs past the end of guest memory: the queue refuses to
+    // start (the address itself is in the table, so SET_VRING_ADDR accepts it).
+    let vq = Virtqueue::new(&g.mem, 0, QSIZE, false).unwrap();
+    let mut bad = ring_config(&g, &vq);
+    bad.desc_table_addr = g.uaddr + MEM - 16;
+    fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    fe.set_vring_num(0, QSIZE).unwrap();
+    fe.set_vring_addr(0, &bad).unwrap();
+    let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+    fe.set_vring_kick(0, &kick).unwrap();
+    assert!(fe.set_vring_enable(0, true).is_err());
+    assert_eq!(get_status(&mut raw), 0xf | 64, "DEVICE_NEEDS_RESET");
+}
+
+/// The frontend's inflight region survives a disconnect in which the backend lost the
+/// requests it had popped: the new session resumes from the log, so each request
+/// completes exactly once even though the frontend says the ring stopped after them.
+#[test]
+fn requests_in_flight_across_a_reconnect_are_neither_lost_nor_repeated() {
+    let rig = Rig::start("inflight");
+    let g = Guest::new();
+    let mut fe = rig.frontend();
+    let asked = VhostUserInflight {
+        mmap_size: 0,
+        mmap_offset: 0,
+        num_queues: 2,
+        queue_size: QSIZE,
+    };
+    let (region, fd) = fe.get_inflight_fd(&asked).unwrap();
+    assert_eq!((region.num_queues, region.queue_size), (2, QSIZE));
+    assert!(region.mmap_size >= 2 * (16 + 16 * u64::from(QSIZE)));
+    fe.set_inflight_fd(&region, fd.as_raw_fd()).unwrap();
+    fe.set_mem_table(&[g.region(0, MEM)]).unwrap();
+    *rig.backend.hold_after.lock().unwrap() = Some(3);
+    let mut q = setup_queue(&mut fe, &g, 0, 0);
+    let buf = |i: u64| BASE + (6 << 20) + i * 0x1000;
+    let heads: Vec<u16> = (0..8).map(|i| post(&mut q, &g, buf(i), 512)).collect();
+    wait_for("five requests held", || {
+        rig.backend.held.lock().unwrap().len() == 5
+    });
+    let first = collect_used(&mut q, Duration::from_millis(200));
+    assert_eq!(first.iter().map(|u| u.0).collect::<Vec<_>>(), heads[..3]);
+
+    // The frontend goes away; the backend drops what it held.
+    drop(fe);
+    wait_for("the first session to end", || rig.dma.is_empty());
+    assert!(rig.backend.held.lock().unwrap().is_empty());
+    *rig.backend.hold_after.lock().unwrap() = None;
+
+    // A new session with the same region, resuming at 8 (all popped, as far as the
+    // frontend knows): the log puts the five back.
+    let mut fe = rig.frontend();
+    fe.set_inflight_fd(&region, fd.as_raw_fd()).unwrap();
+    fe.set_mem_table(&[g.region(0, MEM)]).unwrap();
+    attach_queue(&mut fe, &g, 0, &q, 8);
+    let again = collect_used(&mut q, Duration::from_millis(500));
+    assert_eq!(
+        again.iter().map(|u| u.0).collect::<Vec<_>>(),
+        heads[3..],
+        "the five in flight complete once, the three done before do not repeat"
+    );
+    assert!(again.iter().all(|u| u.1 == 512));
+    // And the ring goes on normally.
+    let head = post(&mut q, &g, buf(9), 100);
+    assert_eq!(wait_used(&mut q, head, TIMEOUT), Some(100));
+    assert!(collect_used(&mut q, Duration::from_millis(100)).is_empty());
+}
+
+#[test]
+fn bad_inflight_requests_are_refused() {
+    let rig = Rig::start("inflight-bad");
+    let ask = |num_queues, queue_size| VhostUserInflight {
+        mmap_size: 0,
+        mmap_offset: 0,
+        num_queues,
+        queue_size,
+    };
+    // GET_INFLIGHT_FD has no error reply: a bad one ends the connection (the frontend
+    // sees an error, not a hang) and the daemon serves the next frontend.
+    for (queues, size) in [(0, 64), (3, 64), (1, 0)] {
+        let mut fe = rig.frontend();
+        assert!(
+            fe.get_inflight_fd(&ask(queues, size)).is_err(),
+            "{queues} x {size}"
+        );
+    }
+    let mut fe = rig.frontend();
+    let (region, fd) = fe.get_inflight_fd(&ask(1, 64)).unwrap();
+    // A region that claims more than the file holds, or queues the device lacks: an
+    // error reply, the connection stays.
+    let mut big = region;
+    big.mmap_size *= 4;
+    big.queue_size = 256;
+    assert!(fe.set_inflight_fd(&big, fd.as_raw_fd()).is_err());
+    let mut many = region;
+    many.num_queues = 9;
+    assert!(fe.set_inflight_fd(&many, fd.as_raw_fd()).is_err());
+    fe.set_inflight_fd(&region, fd.as_raw_fd()).unwrap();
+    // A ring larger than the region logs is refused at start, and the connection lives.
+    let g = Guest::new();
+    fe.set_mem_table(&[g.region(0, MEM)]).unwrap();
+    let vq = Virtqueue::new(&g.mem, 0, 128, false).unwrap();
+    fe.set_vring_num(0, 128).unwrap();
+    fe.set_vring_base(0, 0).unwrap();
+    let mut cfg = ring_config(&g, &vq);
+    cfg.queue_size = 128;
+    fe.set_vring_addr(0, &cfg).unwrap();
+    let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+    fe.set_vring_kick(0, &kick).unwrap();
+    assert!(fe.set_vring_enable(0, true).is_err());
+    assert_eq!(fe.get_queue_num().unwrap(), 2);
+}
+
+#[test]
+fn a_failed_request_that_needs_a_reply_ends_the_connection_instead_of_hanging() {
+    let rig = Rig::start("no-reply");
+    let mut fe = rig.frontend();
+    // GET_VRING_BASE of a queue that does not exist (the device has 2; the frontend
+    // allows 8): nothing to reply with.
+    assert!(fe.get_vring_base(5).is_err());
+    assert!(fe.get_queue_num().is_err(), "the connection was closed");
+    // The next frontend is served.
+    let mut fe = rig.frontend();
+    assert_eq!(fe.get_queue_num().unwrap(), 2);
 }

@@ -9,8 +9,11 @@
 //! here.
 
 use std::io;
+use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
+
+use super::inflight::InflightRegion;
 
 /// Where a started queue lives and how it signals.
 #[derive(Debug)]
@@ -87,4 +90,20 @@ pub trait VirtioDevice: Send + Sync {
     fn stop_queue(&self, index: usize) -> Option<u16>;
     /// Stop every queue and return to the initial state (driver reset, FLR).
     fn reset(&self);
+    /// Whether [`set_inflight`](VirtioDevice::set_inflight) is supported.
+    fn can_log_inflight(&self) -> bool {
+        false
+    }
+    /// Log in-flight requests of queues started from now on in `region` (None: stop
+    /// logging), and resume queues from the log it holds (see
+    /// [`inflight`](super::inflight)). Devices that cannot track return `Unsupported`.
+    fn set_inflight(&self, region: Option<Arc<InflightRegion>>) -> io::Result<()> {
+        match region {
+            None => Ok(()),
+            Some(_) => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "this device cannot log in-flight requests",
+            )),
+        }
+    }
 }

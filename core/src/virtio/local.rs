@@ -12,6 +12,12 @@
 //! and the vring is enabled only while the queue runs — exactly the calls a backend gets
 //! from `VhostUserDaemon`, so backends run unchanged.
 //!
+//! In-flight logging (vhost-user's INFLIGHT_SHMFD): with an [`InflightRegion`] set, the
+//! worker logs heads around every `handle_event` call and a queue started on a region
+//! that holds a log resumes from it (see [`inflight`](super::inflight)). Stopping a queue
+//! waits for the worker's current `handle_event` to return, so a stopped queue's
+//! position (GET_VRING_BASE) never moves afterwards.
+//!
 //! Adaptive polling (a per-device option): after handling a kick, a worker keeps
 //! checking the queue's available index for a bounded time before going back to sleep,
 //! trading CPU for wake-up latency (cross-core eventfd wake-ups are costly).
@@ -24,7 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use log::{error, warn};
+use log::{error, info, warn};
 use vhost::vhost_user::message::VhostUserVirtioFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::QueueT;
@@ -33,6 +39,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::device::{QueueConfig, QueueError, VirtioDevice};
+use super::inflight::{InflightQueue, InflightRegion, RingLayout};
 use crate::memory::{DmaSpace, GuestMemorySnapshot};
 
 const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
@@ -52,7 +59,33 @@ pub struct DispatchOptions {
 struct Worker {
     epoll: Arc<OwnedFd>,
     stop: EventFd,
+    /// Held by the worker while it runs the backend; taking it waits for that to end.
+    busy: Arc<Mutex<()>>,
     thread: Option<JoinHandle<()>>,
+}
+
+/// The in-flight logs of a device's queues, shared with its workers.
+#[derive(Default)]
+struct InflightLogs {
+    region: Mutex<Option<Arc<InflightRegion>>>,
+    /// Per queue (global index), the log of a started queue.
+    queues: Vec<Mutex<Option<InflightQueue>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What a worker needs to run its queues.
+struct WorkerQueues<B> {
+    backend: B,
+    vrings: Vec<VringRwLock>,
+    /// Global queue index of each of `vrings`.
+    global: Vec<usize>,
+    logs: Arc<InflightLogs>,
+    busy: Arc<Mutex<()>>,
+    thread_id: usize,
+    snapshot: GuestMemorySnapshot,
 }
 
 struct QueuePlace {
@@ -78,6 +111,7 @@ where
     workers: Vec<Worker>,
     state: Mutex<LocalState>,
     snapshot: GuestMemorySnapshot,
+    logs: Arc<InflightLogs>,
 }
 
 fn eventfd_into_file(fd: EventFd) -> File {
@@ -109,10 +143,15 @@ where
             );
         }
         let masks = backend.queues_per_thread();
+        let logs = Arc::new(InflightLogs {
+            region: Mutex::new(None),
+            queues: (0..num_queues).map(|_| Mutex::new(None)).collect(),
+        });
         let mut places: Vec<Option<QueuePlace>> = (0..num_queues).map(|_| None).collect();
         let mut workers = Vec::with_capacity(masks.len());
         for (thread_id, mask) in masks.iter().enumerate() {
             let mut thread_vrings = Vec::new();
+            let mut global = Vec::new();
             for (i, vring) in vrings.iter().enumerate() {
                 if i < 64 && (mask >> i) & 1 == 1 && places[i].is_none() {
                     places[i] = Some(QueuePlace {
@@ -120,16 +159,19 @@ where
                         device_event: thread_vrings.len() as u64,
                     });
                     thread_vrings.push(vring.clone());
+                    global.push(i);
                 }
             }
-            workers.push(Self::spawn_worker(
-                backend.clone(),
-                thread_vrings,
+            let queues = WorkerQueues {
+                backend: backend.clone(),
+                vrings: thread_vrings,
+                global,
+                logs: logs.clone(),
+                busy: Arc::new(Mutex::new(())),
                 thread_id,
-                num_queues,
-                options,
-                snapshot.clone(),
-            )?);
+                snapshot: snapshot.clone(),
+            };
+            workers.push(Self::spawn_worker(queues, num_queues, options)?);
         }
         for (i, p) in places.iter().enumerate() {
             if p.is_none() {
@@ -153,17 +195,16 @@ where
                 event_idx: false,
             }),
             snapshot,
+            logs,
         }))
     }
 
     fn spawn_worker(
-        backend: B,
-        vrings: Vec<VringRwLock>,
-        thread_id: usize,
+        queues: WorkerQueues<B>,
         num_queues: usize,
         options: DispatchOptions,
-        snapshot: GuestMemorySnapshot,
     ) -> io::Result<Worker> {
+        let thread_id = queues.thread_id;
         let raw = epoll::create(true)?;
         // SAFETY: a fresh epoll descriptor that nothing else owns.
         let epoll_fd = Arc::new(unsafe { OwnedFd::from_raw_fd(raw) });
@@ -178,7 +219,7 @@ where
         };
         add(stop.as_raw_fd(), STOP_EVENT)?;
         // The backend's exit event, numbered num_queues as in vhost-user-backend.
-        let exit = backend.exit_event(thread_id);
+        let exit = queues.backend.exit_event(thread_id);
         let exit_consumer = match exit {
             Some((consumer, _notifier)) => {
                 add(consumer.as_raw_fd(), num_queues as u64)?;
@@ -187,17 +228,17 @@ where
             None => None,
         };
         let ep = epoll_fd.clone();
+        let busy = queues.busy.clone();
         let thread = std::thread::Builder::new()
             .name(format!("vring-worker-{thread_id}"))
             .spawn(move || {
                 let _keep = exit_consumer;
-                worker_loop(
-                    &ep, &backend, &vrings, thread_id, num_queues, options, &snapshot,
-                )
+                worker_loop(&ep, &queues, num_queues, options)
             })?;
         Ok(Worker {
             epoll: epoll_fd,
             stop,
+            busy,
             thread: Some(thread),
         })
     }
@@ -223,24 +264,21 @@ where
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn worker_loop<B>(
     epoll_fd: &OwnedFd,
-    backend: &B,
-    vrings: &[VringRwLock],
-    thread_id: usize,
+    w: &WorkerQueues<B>,
     num_queues: usize,
     options: DispatchOptions,
-    snapshot: &GuestMemorySnapshot,
 ) where
     B: VhostUserBackend<Bitmap = (), Vring = VringRwLock>,
 {
+    let thread_id = w.thread_id;
     let mut events = vec![epoll::Event::new(epoll::Events::empty(), 0); 64];
     loop {
         if options.busy {
-            for (i, vring) in vrings.iter().enumerate() {
-                if has_new_buffers(vring, snapshot) {
-                    handle(backend, i as u16, EventSet::IN, vrings, thread_id);
+            for (i, vring) in w.vrings.iter().enumerate() {
+                if has_new_buffers(vring, &w.snapshot) {
+                    w.handle(i as u16, EventSet::IN);
                 }
             }
         }
@@ -259,7 +297,7 @@ fn worker_loop<B>(
                 return;
             }
             let evset = EventSet::from_bits_truncate(ev.events);
-            if let Some(vring) = vrings.get(data as usize) {
+            if let Some(vring) = w.vrings.get(data as usize) {
                 match vring.read_kick() {
                     Ok(true) => {}
                     Ok(false) => continue, // disabled vring: consume and ignore
@@ -269,35 +307,78 @@ fn worker_loop<B>(
                         continue;
                     }
                 }
-                handle(backend, data as u16, evset, vrings, thread_id);
+                w.handle(data as u16, evset);
                 if !options.poll.is_zero() {
-                    poll_queue(
-                        backend,
-                        vring,
-                        data as u16,
-                        vrings,
-                        thread_id,
-                        options.poll,
-                        snapshot,
-                    );
+                    w.poll_queue(vring, data as u16, options.poll);
                 }
             } else {
                 // One of the backend's own listeners.
-                handle(backend, data as u16, evset, vrings, thread_id);
+                w.handle(data as u16, evset);
             }
         }
     }
 }
 
-fn handle<B: VhostUserBackend<Bitmap = (), Vring = VringRwLock>>(
-    backend: &B,
-    device_event: u16,
-    evset: EventSet,
-    vrings: &[VringRwLock],
-    thread_id: usize,
-) {
-    if let Err(e) = backend.handle_event(device_event, evset, vrings, thread_id) {
-        warn!("backend failed event {device_event} on worker {thread_id}: {e}");
+impl<B: VhostUserBackend<Bitmap = (), Vring = VringRwLock>> WorkerQueues<B> {
+    /// Run the backend for one event, logging in-flight heads around it when a log is set.
+    fn handle(&self, device_event: u16, evset: EventSet) {
+        let _busy = lock(&self.busy);
+        let logging = self.log_queues(|log, _, mem| log.premark(mem));
+        if let Err(e) = self
+            .backend
+            .handle_event(device_event, evset, &self.vrings, self.thread_id)
+        {
+            warn!(
+                "backend failed event {device_event} on worker {}: {e}",
+                self.thread_id
+            );
+        }
+        if logging {
+            self.log_queues(|log, vring, mem| {
+                let (avail, used) = {
+                    let state = vring.get_ref();
+                    let q = state.get_queue();
+                    (q.next_avail(), q.next_used())
+                };
+                log.record(mem, avail, used);
+            });
+        }
+    }
+
+    /// Apply `f` to the log of every started queue of this worker; whether any had one.
+    fn log_queues(
+        &self,
+        mut f: impl FnMut(&mut InflightQueue, &VringRwLock, &vm_memory::GuestMemoryMmap),
+    ) -> bool {
+        let mut any = false;
+        let mut mem = None;
+        for (vring, global) in self.vrings.iter().zip(&self.global) {
+            let mut slot = lock(&self.logs.queues[*global]);
+            if let Some(log) = slot.as_mut() {
+                let mem = mem.get_or_insert_with(|| self.snapshot.memory());
+                f(log, vring, mem);
+                any = true;
+            }
+        }
+        any
+    }
+
+    fn poll_queue(&self, vring: &VringRwLock, device_event: u16, budget: Duration) {
+        let mut deadline = Instant::now() + budget;
+        let mut spins = 0u32;
+        loop {
+            if has_new_buffers(vring, &self.snapshot) {
+                self.handle(device_event, EventSet::IN);
+                deadline = Instant::now() + budget;
+                continue;
+            }
+            std::hint::spin_loop();
+            spins = spins.wrapping_add(1);
+            // Reading the clock every iteration would dominate the spin.
+            if spins % 64 == 0 && Instant::now() >= deadline {
+                return;
+            }
+        }
     }
 }
 
@@ -315,32 +396,6 @@ fn has_new_buffers(vring: &VringRwLock, snapshot: &GuestMemorySnapshot) -> bool 
     q.avail_idx(&*mem, Ordering::Acquire)
         .map(|idx| idx.0 != q.next_avail())
         .unwrap_or(false)
-}
-
-fn poll_queue<B: VhostUserBackend<Bitmap = (), Vring = VringRwLock>>(
-    backend: &B,
-    vring: &VringRwLock,
-    device_event: u16,
-    vrings: &[VringRwLock],
-    thread_id: usize,
-    budget: Duration,
-    snapshot: &GuestMemorySnapshot,
-) {
-    let mut deadline = Instant::now() + budget;
-    let mut spins = 0u32;
-    loop {
-        if has_new_buffers(vring, snapshot) {
-            handle(backend, device_event, EventSet::IN, vrings, thread_id);
-            deadline = Instant::now() + budget;
-            continue;
-        }
-        std::hint::spin_loop();
-        spins = spins.wrapping_add(1);
-        // Reading the clock every iteration would dominate the spin.
-        if spins % 64 == 0 && Instant::now() >= deadline {
-            return;
-        }
-    }
 }
 
 impl<B> VirtioDevice for LocalVirtio<B>
@@ -422,8 +477,37 @@ where
             vring.set_queue_ready(false);
             return Err(QueueError::BadRings(index));
         }
-        vring.set_queue_next_avail(c.next_avail);
-        vring.set_queue_next_used(c.next_used);
+        let (mut next_avail, mut next_used) = (c.next_avail, c.next_used);
+        let region = lock(&self.logs.region).clone();
+        if let Some(region) = region {
+            let layout = RingLayout {
+                size: c.size,
+                avail: c.avail,
+                used: c.used,
+            };
+            let mem = self.snapshot.memory();
+            let (log, resume) = InflightQueue::recover(region, index, layout, c.next_avail, &*mem)
+                .map_err(|e| {
+                    vring.set_queue_ready(false);
+                    QueueError::Backend {
+                        index,
+                        source: io::Error::other(e.to_string()),
+                    }
+                })?;
+            if let Some(p) = resume {
+                if p.resubmitted > 0 || p.next_avail != c.next_avail {
+                    info!(
+                        "queue {index}: resuming from the inflight log at {} ({} requests \
+                         in flight are processed again; the frontend said {})",
+                        p.next_avail, p.resubmitted, c.next_avail
+                    );
+                }
+                (next_avail, next_used) = (p.next_avail, p.next_used);
+            }
+            *lock(&self.logs.queues[index]) = Some(log);
+        }
+        vring.set_queue_next_avail(next_avail);
+        vring.set_queue_next_used(next_used);
         vring.set_queue_event_idx(st.event_idx);
         // The fd registered below is the vring's own copy: it stays open while started.
         vring.set_kick(Some(eventfd_into_file(c.kick)));
@@ -443,6 +527,20 @@ where
         )
         .map_err(|source| QueueError::Backend { index, source })?;
         st.started[index] = Some(reg_fd);
+        // Requests already waiting (a resumed ring, resubmitted in-flight requests) would
+        // otherwise wait for the driver's next kick.
+        if has_new_buffers(vring, &self.snapshot) {
+            let one = 1u64.to_ne_bytes();
+            // SAFETY: writes 8 bytes from a valid buffer to the kick eventfd, which the
+            // vring keeps open while the queue is started (registered above).
+            let n = unsafe { libc::write(reg_fd, one.as_ptr().cast(), one.len()) };
+            if n != one.len() as isize {
+                warn!(
+                    "queue {index}: cannot wake the worker for waiting requests: {}",
+                    io::Error::last_os_error()
+                );
+            }
+        }
         Ok(())
     }
 
@@ -459,6 +557,18 @@ where
             self.unregister(index, fd);
         }
         vring.set_enabled(false);
+        // Wait for a handle_event in progress: from here on the queue does not move.
+        if let Some(place) = &self.places[index] {
+            let _quiet = lock(&self.workers[place.thread].busy);
+            if let Some(mut log) = lock(&self.logs.queues[index]).take() {
+                let (avail, used) = {
+                    let state = vring.get_ref();
+                    let q = state.get_queue();
+                    (q.next_avail(), q.next_used())
+                };
+                log.record(&*self.snapshot.memory(), avail, used);
+            }
+        }
         vring.set_queue_ready(false);
         if let Err(e) = self.backend.stop_vring(index as u32) {
             warn!("backend failed to stop queue {index}: {e}");
@@ -480,6 +590,27 @@ where
         }
         self.lock().event_idx = false;
         self.backend.set_event_idx(false);
+    }
+
+    fn can_log_inflight(&self) -> bool {
+        true
+    }
+
+    fn set_inflight(&self, region: Option<Arc<InflightRegion>>) -> io::Result<()> {
+        if let Some(r) = &region {
+            if usize::from(r.num_queues()) > self.vrings.len() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "inflight region for {} queues; the device has {}",
+                        r.num_queues(),
+                        self.vrings.len()
+                    ),
+                ));
+            }
+        }
+        *lock(&self.logs.region) = region;
+        Ok(())
     }
 }
 

@@ -5,11 +5,15 @@
 //! * [`device`] — [`VirtioDevice`], what every virtio transport drives.
 //! * [`local`] — [`LocalVirtio`], vrings + worker threads for a `VhostUserBackend`.
 //! * [`pci`] — [`VirtioPci`], virtio 1.2 section 4.1 as a core `PciDevice`.
+//! * [`inflight`] — [`InflightRegion`], a shared-memory log of in-flight requests that
+//!   lets a restarted daemon resume its queues without losing or repeating requests.
 
 pub mod device;
+pub mod inflight;
 pub mod local;
 pub mod pci;
 
 pub use device::{QueueConfig, QueueError, VirtioDevice};
+pub use inflight::InflightRegion;
 pub use local::{DispatchOptions, LocalVirtio};
 pub use pci::{VirtioPci, VirtioPciOptions};

@@ -11,14 +11,20 @@
 //! device's [`DmaSpace`] by guest physical address; ring addresses, which a frontend gives
 //! as its own virtual addresses, are translated through the memory table.
 //!
-//! Offered protocol features: MQ, CONFIG, REPLY_ACK, CONFIGURE_MEM_SLOTS, RESET_DEVICE.
-//! Not offered: dirty logging, inflight tracking, device state transfer, backend requests,
-//! packed rings, polling mode (a ring without a kick fd).
+//! Offered protocol features: MQ, CONFIG, REPLY_ACK, CONFIGURE_MEM_SLOTS, RESET_DEVICE,
+//! STATUS, and INFLIGHT_SHMFD for devices that can log in-flight requests (the core's
+//! [`InflightRegion`]: a restarted daemon resumes without losing or repeating requests).
+//! Not offered: dirty logging, device state transfer, backend requests, packed rings,
+//! polling mode (a ring without a kick fd).
+//!
+//! * [`status`] — SET_STATUS/GET_STATUS, which the `vhost` crate cannot dispatch.
 //!
 //! [`VirtioDevice`]: unidev_core::virtio::VirtioDevice
 //! [`DmaSpace`]: unidev_core::memory::DmaSpace
+//! [`InflightRegion`]: unidev_core::virtio::InflightRegion
 
 pub mod server;
 pub mod session;
+pub mod status;
 
 pub use server::VhostUserServer;

@@ -19,6 +19,7 @@ use unidev_core::virtio::VirtioDevice;
 use vhost::vhost_user::{BackendReqHandler, Error as VhostError};
 
 use super::session::Session;
+use super::status::{self, Intercepted};
 
 /// How long one request may take to arrive in full once its first byte did.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -105,6 +106,18 @@ impl VhostUserServer {
     }
 }
 
+/// Close a frontend's session and go back to accepting the next one.
+fn end_session(ctx: &mut LoopContext, shared: &Arc<Shared>, session: &Mutex<Session>) -> Control {
+    session.lock().unwrap_or_else(|e| e.into_inner()).close();
+    *shared.current() = None;
+    ctx.add(
+        shared.listener.as_raw_fd(),
+        epoll::Events::EPOLLIN,
+        listener_handler(shared.clone()),
+    );
+    Control::Remove
+}
+
 fn listener_handler(
     shared: Arc<Shared>,
 ) -> impl FnMut(&mut LoopContext, Readiness) -> Control + Send + 'static {
@@ -137,24 +150,50 @@ fn listener_handler(
         info!("{session_name}: frontend connected");
         let shared2 = shared.clone();
         ctx.add(fd, epoll::Events::EPOLLIN, move |ctx, _| {
-            match handler.handle_request() {
+            let header = match status::peek_header(fd) {
+                Ok(h) => h,
+                Err(e) => {
+                    warn!("{session_name}: dropping the connection: {e}");
+                    return end_session(ctx, &shared2, &session);
+                }
+            };
+            let (intercepted, protocol) = {
+                let mut s = session.lock().unwrap_or_else(|e| e.into_inner());
+                let protocol = s.acked_protocol();
+                let intercepted = match header {
+                    Some(h) => status::intercept(fd, h, &mut s),
+                    None => Ok(Intercepted::No),
+                };
+                (intercepted, protocol)
+            };
+            let outcome = match intercepted {
+                Ok(Intercepted::Handled) => return Control::Continue,
+                Ok(Intercepted::No) => handler.handle_request(),
+                Err(e) => Err(VhostError::SocketError(e)),
+            };
+            match outcome {
                 Ok(()) => return Control::Continue,
                 Err(e) if !is_fatal(&e) => {
-                    warn!("{session_name}: request refused: {e}");
-                    return Control::Continue;
+                    let handler_error = matches!(
+                        e,
+                        VhostError::ReqHandlerError(_) | VhostError::InvalidOperation(_)
+                    );
+                    match header {
+                        Some(h) if h.left_unanswered(protocol, handler_error) => warn!(
+                            "{session_name}: request {} refused ({e}); it needs a reply the \
+                             handler could not give: dropping the connection",
+                            h.request
+                        ),
+                        _ => {
+                            warn!("{session_name}: request refused: {e}");
+                            return Control::Continue;
+                        }
+                    }
                 }
                 Err(VhostError::Disconnected) => info!("{session_name}: frontend disconnected"),
                 Err(e) => warn!("{session_name}: dropping the connection: {e}"),
             }
-            session.lock().unwrap_or_else(|e| e.into_inner()).close();
-            *shared2.current() = None;
-            // Serve the next frontend.
-            ctx.add(
-                shared2.listener.as_raw_fd(),
-                epoll::Events::EPOLLIN,
-                listener_handler(shared2.clone()),
-            );
-            Control::Remove
+            end_session(ctx, &shared2, &session)
         });
         // One frontend at a time: others wait in the backlog.
         Control::Remove

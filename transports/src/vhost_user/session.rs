@@ -20,7 +20,8 @@ use std::sync::Arc;
 
 use log::{debug, info, warn};
 use unidev_core::memory::{DmaSpace, FdBacking, MapRequest, Prot};
-use unidev_core::virtio::{QueueConfig, VirtioDevice};
+use unidev_core::virtio::inflight::InflightError;
+use unidev_core::virtio::{InflightRegion, QueueConfig, VirtioDevice};
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
     VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
@@ -42,14 +43,23 @@ pub const MAX_MEM_SLOTS: u64 = 509;
 /// Largest config-space access served (the virtio-pci device-specific window is 4 KiB).
 const MAX_CONFIG_ACCESS: u32 = 4096;
 
-/// The protocol features this transport implements.
+/// The protocol features this transport implements for every device (`INFLIGHT_SHMFD`
+/// is added for devices that can log in-flight requests).
 pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
         | VhostUserProtocolFeatures::RESET_DEVICE
+        | VhostUserProtocolFeatures::STATUS
 }
+
+/// Largest queue size an inflight region is made for (the virtio split-ring maximum).
+const MAX_INFLIGHT_QUEUE_SIZE: u16 = 32768;
+
+// Device status bits (virtio 1.2 section 2.1).
+const STATUS_FEATURES_OK: u8 = 8;
+const STATUS_NEEDS_RESET: u8 = 64;
 
 /// One region of the frontend's memory table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -111,6 +121,10 @@ pub struct Session {
     acked_protocol: VhostUserProtocolFeatures,
     regions: Vec<Region>,
     rings: Vec<Ring>,
+    /// Device status (STATUS protocol feature).
+    status: u8,
+    /// The frontend's inflight region, handed to the device.
+    inflight: Option<Arc<InflightRegion>>,
 }
 
 fn refuse(why: impl Into<String>) -> VhostError {
@@ -141,12 +155,76 @@ impl Session {
             acked_protocol: VhostUserProtocolFeatures::empty(),
             regions: Vec::new(),
             rings,
+            status: 0,
+            inflight: None,
         }
+    }
+
+    /// Protocol features the frontend acknowledged.
+    pub fn acked_protocol(&self) -> VhostUserProtocolFeatures {
+        self.acked_protocol
+    }
+
+    /// The device status byte (GET_STATUS).
+    pub fn status(&self) -> u8 {
+        self.status
+    }
+
+    /// SET_STATUS: record the driver's status; 0 resets the device (virtio 1.2 section
+    /// 2.1: "writing 0 ... resets the device"), keeping the connection's memory table and
+    /// negotiated features. Returns false when a bit cannot be accepted (then the stored
+    /// status shows what the device accepted, as with FEATURES_OK on virtio-pci).
+    pub fn set_status(&mut self, value: u64) -> bool {
+        let Ok(mut status) = u8::try_from(value) else {
+            warn!("{}: SET_STATUS {value:#x} is not a status byte", self.name);
+            return false;
+        };
+        if status == 0 {
+            self.stop_all();
+            self.device.reset();
+            self.reset_rings();
+            if self.acked_features != 0 {
+                self.device
+                    .set_driver_features(self.acked_features & !PROTOCOL_FEATURES);
+            }
+            self.status = 0;
+            debug!("{}: status 0: device reset", self.name);
+            return true;
+        }
+        // NEEDS_RESET is the device's to set.
+        status = (status & !STATUS_NEEDS_RESET) | (self.status & STATUS_NEEDS_RESET);
+        let mut ok = true;
+        if status & STATUS_FEATURES_OK != 0 && self.acked_features & !PROTOCOL_FEATURES == 0 {
+            // FEATURES_OK with no features negotiated: the device does not accept it.
+            status &= !STATUS_FEATURES_OK;
+            ok = false;
+        }
+        self.status = status;
+        debug!("{}: status {status:#x}", self.name);
+        ok
+    }
+
+    /// Log a request refused outside the crate's handler.
+    pub fn log_refused(&self, what: &str) {
+        warn!("{}: request refused: {what}", self.name);
+    }
+
+    fn offered_protocol(&self) -> VhostUserProtocolFeatures {
+        let mut offered = offered_protocol_features();
+        if self.device.can_log_inflight() {
+            offered |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+        }
+        offered
     }
 
     /// End of the connection: stop every queue, reset the device, drop all memory.
     pub fn close(&mut self) {
         self.stop_all();
+        if let Err(e) = self.device.set_inflight(None) {
+            warn!("{}: cannot drop the inflight region: {e}", self.name);
+        }
+        self.inflight = None;
+        self.status = 0;
         self.device.reset();
         self.dma.unmap_all();
         self.regions.clear();
@@ -223,9 +301,11 @@ impl Session {
             next_avail: ring.base,
             next_used: ring.base,
         };
-        self.device
-            .start_queue(index, config)
-            .map_err(|e| refuse(e.to_string()))?;
+        if let Err(e) = self.device.start_queue(index, config) {
+            // The frontend learns it from GET_STATUS (and the error reply).
+            self.status |= STATUS_NEEDS_RESET;
+            return Err(refuse(e.to_string()));
+        }
         ring.running = true;
         debug!("{}: queue {index} started at {}", self.name, ring.base);
         Ok(())
@@ -448,11 +528,11 @@ impl VhostUserBackendReqHandlerMut for Session {
     }
 
     fn get_protocol_features(&mut self) -> VhostResult<VhostUserProtocolFeatures> {
-        Ok(offered_protocol_features())
+        Ok(self.offered_protocol())
     }
 
     fn set_protocol_features(&mut self, features: u64) -> VhostResult<()> {
-        let offered = offered_protocol_features().bits();
+        let offered = self.offered_protocol().bits();
         if features & !offered != 0 {
             return Err(refuse(format!(
                 "protocol features {:#x} were not offered",
@@ -524,17 +604,51 @@ impl VhostUserBackendReqHandlerMut for Session {
 
     fn get_inflight_fd(
         &mut self,
-        _inflight: &VhostUserInflight,
+        inflight: &VhostUserInflight,
     ) -> VhostResult<(VhostUserInflight, File)> {
-        Err(VhostError::InvalidOperation(
-            "inflight tracking is not offered",
-        ))
+        let queues = self.rings.len();
+        if inflight.num_queues == 0 || usize::from(inflight.num_queues) > queues {
+            return Err(refuse(format!(
+                "inflight region for {} queues; the device has {queues}",
+                inflight.num_queues
+            )));
+        }
+        if inflight.queue_size == 0 || inflight.queue_size > MAX_INFLIGHT_QUEUE_SIZE {
+            return Err(refuse(format!(
+                "inflight region for queues of {} descriptors",
+                inflight.queue_size
+            )));
+        }
+        let (_, file) = InflightRegion::create(inflight.num_queues, inflight.queue_size)
+            .map_err(|e| refuse(e.to_string()))?;
+        let reply = VhostUserInflight {
+            mmap_size: InflightRegion::size_for(inflight.num_queues, inflight.queue_size),
+            mmap_offset: 0,
+            num_queues: inflight.num_queues,
+            queue_size: inflight.queue_size,
+        };
+        debug!(
+            "{}: inflight region of {} bytes for {} queues of {}",
+            self.name, reply.mmap_size, reply.num_queues, reply.queue_size
+        );
+        Ok((reply, file))
     }
 
-    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> VhostResult<()> {
-        Err(VhostError::InvalidOperation(
-            "inflight tracking is not offered",
-        ))
+    fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> VhostResult<()> {
+        let region = InflightRegion::map(
+            file,
+            inflight.mmap_offset,
+            inflight.mmap_size,
+            inflight.num_queues,
+            inflight.queue_size,
+        )
+        .map_err(|e: InflightError| refuse(e.to_string()))?;
+        let region = Arc::new(region);
+        self.device
+            .set_inflight(Some(region.clone()))
+            .map_err(|e| refuse(e.to_string()))?;
+        self.inflight = Some(region);
+        Ok(())
     }
 
     fn get_max_mem_slots(&mut self) -> VhostResult<u64> {
