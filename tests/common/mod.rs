@@ -151,7 +151,12 @@ pub fn run_guest_args(
     append: &str,
     qemu_args: &[String],
 ) -> GuestRun {
-    let initrd = dir.join(format!("{init}.cpio.gz"));
+    spawn_guest(dir, init, init, modules, append, qemu_args, 180).wait()
+}
+
+/// Build the initramfs of guest init `init` as `dir/name.cpio.gz`.
+fn build_initramfs(dir: &Path, name: &str, init: &str, modules: &str) -> PathBuf {
+    let initrd = dir.join(format!("{name}.cpio.gz"));
     let out = Command::new("bash")
         .arg(e2e_script("mkinitramfs.sh"))
         .arg(&initrd)
@@ -165,12 +170,31 @@ pub fn run_guest_args(
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    let log = dir.join(format!("{init}.log"));
+    initrd
+}
+
+/// Start the e2e guest with `init` in the background, the console going to
+/// `dir/name.log` (`name` tells apart several guests of one test), stopped by the
+/// harness after `timeout_secs`. Other arguments as in [`run_guest_args`].
+pub fn spawn_guest(
+    dir: &Path,
+    name: &str,
+    init: &str,
+    modules: &str,
+    append: &str,
+    qemu_args: &[String],
+    timeout_secs: u64,
+) -> GuestProcess {
+    let initrd = build_initramfs(dir, name, init, modules);
+    let log = dir.join(format!("{name}.log"));
+    let _ = std::fs::remove_file(&log);
     let mut cmd = Command::new("bash");
     cmd.arg(e2e_script("run-qemu.sh"))
         .arg("--initramfs")
         .arg(&initrd)
-        .args(["--timeout", "180", "--log"])
+        .arg("--timeout")
+        .arg(timeout_secs.to_string())
+        .arg("--log")
         .arg(&log)
         .arg("--share")
         .arg(dir);
@@ -179,10 +203,84 @@ pub fn run_guest_args(
     }
     cmd.arg("--");
     cmd.args(qemu_args);
-    let status = cmd.status().unwrap();
-    GuestRun {
-        success: status.success(),
-        log: std::fs::read_to_string(&log).unwrap_or_default(),
+    GuestProcess {
+        child: Some(cmd.spawn().unwrap()),
+        log,
+    }
+}
+
+/// A guest started by [`spawn_guest`]: its console can be watched while it runs. Dropped
+/// while running, it is stopped (the harness's TERM path, which stops QEMU too).
+pub struct GuestProcess {
+    child: Option<Child>,
+    /// The serial console (and QEMU's messages).
+    pub log: PathBuf,
+}
+
+impl GuestProcess {
+    /// The console output so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read(&self.log)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Whether the guest (QEMU) is still running.
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Wait until the console output satisfies `cond`, or panic after `secs` (or if the
+    /// guest ends first) with the console so far.
+    pub fn wait_for_log(&mut self, secs: u64, what: &str, mut cond: impl FnMut(&str) -> bool) {
+        let end = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let text = self.log_text();
+            if cond(&text) {
+                return;
+            }
+            if !self.running() {
+                // It may have printed the awaited line just before ending.
+                let text = self.log_text();
+                if cond(&text) {
+                    return;
+                }
+                panic!("the guest ended before {what}:\n{text}");
+            }
+            if Instant::now() > end {
+                panic!("timed out waiting for {what}; console:\n{text}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Wait for the guest to end; the harness's verdict and the console.
+    pub fn wait(mut self) -> GuestRun {
+        let status = self.child.take().map(|mut c| c.wait().unwrap());
+        GuestRun {
+            success: status.is_some_and(|s| s.success()),
+            log: self.log_text(),
+        }
+    }
+}
+
+impl Drop for GuestProcess {
+    fn drop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        if matches!(child.try_wait(), Ok(None)) {
+            // SAFETY: kill(2) on our own child's pid; run-qemu.sh's TERM trap stops QEMU.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let end = Instant::now() + Duration::from_secs(20);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+        }
+        let _ = child.wait();
     }
 }
 
