@@ -8,7 +8,6 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -445,15 +444,6 @@ pub fn open_device_node(dev_dir: &Path, name: &str) -> Result<File, VduseError> 
             }
         }
     }
-}
-
-/// Whether `file` is a character device (a real VDUSE node rather than a test stand-in).
-pub fn is_char_device(file: &File) -> bool {
-    use std::os::unix::fs::FileTypeExt;
-    file.metadata()
-        .map(|m| m.file_type().is_char_device())
-        .unwrap_or(false)
-        && file.as_raw_fd() >= 0
 }
 
 #[cfg(test)]
