@@ -113,6 +113,10 @@ pub struct BlkOptions {
     pub direct: bool,
     /// Returned by GET_ID (truncated to 20 bytes). Default: the file name.
     pub serial: Option<String>,
+    /// A null device: reads, writes and flushes complete with OK without touching the
+    /// file or the data buffers (ranges are still checked against the capacity, which
+    /// the file gives). For measuring transports without I/O.
+    pub null_io: bool,
 }
 
 impl Default for BlkOptions {
@@ -125,6 +129,7 @@ impl Default for BlkOptions {
             logical_block_size: 512,
             direct: false,
             serial: None,
+            null_io: false,
         }
     }
 }
@@ -655,6 +660,9 @@ impl VirtioBlk {
     }
 
     fn sync(&self, what: &str) -> Status {
+        if self.opts.null_io {
+            return S_OK;
+        }
         match self.file.sync_data() {
             Ok(()) => S_OK,
             Err(e) => {
@@ -708,7 +716,7 @@ impl VirtioBlk {
             debug!("virtio-blk: {len} bytes at sector {sector}: out of range or unaligned");
             return S_IOERR;
         };
-        if len == 0 {
+        if len == 0 || self.opts.null_io {
             return S_OK;
         }
         let r = if self.opts.direct && !self.dio_aligned(m, segs, skip, len, offset) {
@@ -1481,6 +1489,36 @@ mod tests {
             let name = img.0.file_name().unwrap().to_string_lossy().into_owned();
             assert_eq!(&id[..], &name.as_bytes()[..20]);
         }
+    }
+
+    #[test]
+    fn null_io_completes_without_touching_file_or_buffers() {
+        let img = Image::new("null-io");
+        let b = img.open(|o| o.null_io = true);
+        let mut r = Rig::new(&b, true);
+        r.fill(DATA, &pattern(3, 4096));
+        let (st, len) = r.request(&b, VIRTIO_BLK_T_OUT, 8, &[(DATA, 4096, R)]);
+        assert_eq!((st, len), (OK, 1));
+        assert!(
+            img.bytes().iter().all(|&x| x == 0x5a),
+            "the file is untouched"
+        );
+        r.fill(DATA, &[0xee; 4096]);
+        let (st, len) = r.request(&b, VIRTIO_BLK_T_IN, 8, &[(DATA, 4096, W)]);
+        assert_eq!((st, len), (OK, 4097), "reads report the data length");
+        assert_eq!(
+            r.read(DATA, 4096),
+            vec![0xee; 4096],
+            "the buffer is untouched"
+        );
+        assert_eq!(r.request(&b, VIRTIO_BLK_T_FLUSH, 0, &[]).0, OK);
+        // Ranges are still checked.
+        let past_end = b.capacity_sectors();
+        assert_eq!(
+            r.request(&b, VIRTIO_BLK_T_IN, past_end, &[(DATA, 512, W)])
+                .0,
+            IOERR
+        );
     }
 
     #[test]
