@@ -14,6 +14,7 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+mod bench;
 mod config;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -58,6 +59,9 @@ enum Command {
         /// The devices file.
         config: PathBuf,
     },
+    /// Measure every transport side by side (floors, peers, control and data path,
+    /// memory layer, scale) and write a Markdown/JSON/SVG report.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -717,6 +721,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Serve(args)) => serve(args),
         Some(Command::Run { config }) => run(&config),
+        Some(Command::Bench(args)) => bench::run(args),
         None => demo(),
     };
     match result {

@@ -1,0 +1,471 @@
+//! `unidev bench`: every transport side by side on the same backend, against the floors
+//! (what the machine needs for the same hand-offs with nothing of unidev in between) and
+//! the peers (rust-vmm's vfio-user server, vhost-user-backend's stock daemon), in one
+//! run, with every row pinned the same way ([`pin`]).
+//!
+//! Sections: floors and control path ([`control`]), data path ([`datapath`]), memory
+//! layer ([`memory`]) and scale ([`scale`]). Each section is a list of cases; the
+//! repetitions run round-robin over the cases (case 1, case 2, ..., case 1, ...), so a
+//! burst of load elsewhere on the machine spreads over every row instead of sinking one.
+//! [`report`] writes the Markdown table, the JSON data and the SVG plot.
+
+mod control;
+mod floors;
+mod pin;
+mod report;
+mod stats;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::{Args, ValueEnum};
+use serde::Serialize;
+
+use pin::Placement;
+
+/// `unidev bench` options.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Fewer and shorter repetitions: finishes in under a minute (what CI runs).
+    #[arg(long)]
+    pub quick: bool,
+    /// Directory for the report: bench.md (tables), bench.svg (plot), bench.json (data).
+    #[arg(long, default_value = "bench-out")]
+    pub out: PathBuf,
+    /// Run only these sections (repeatable; default: all).
+    #[arg(long = "section", value_enum)]
+    pub sections: Vec<Section>,
+}
+
+/// A part of the suite.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Section {
+    /// eventfd, spin and AF_UNIX floors.
+    Floors,
+    /// vfio-user REGION_READ/REGION_WRITE round trips.
+    Control,
+    /// virtio-blk QD1 latency and QD32 IOPS over every transport.
+    Data,
+    /// DMA map/unmap rate and address translation.
+    Memory,
+    /// 64 idle devices in one daemon.
+    Scale,
+}
+
+impl Section {
+    const ALL: [Section; 5] = [
+        Section::Floors,
+        Section::Control,
+        Section::Data,
+        Section::Memory,
+        Section::Scale,
+    ];
+
+    fn title(self) -> &'static str {
+        match self {
+            Section::Floors => "Floors",
+            Section::Control => "Control path (vfio-user, 4-byte region accesses)",
+            Section::Data => "Data path (virtio-blk, 4 KiB reads)",
+            Section::Memory => "Memory layer (DmaSpace)",
+            Section::Scale => "Scale (64 idle virtio-blk devices in one daemon)",
+        }
+    }
+}
+
+/// What a row measures, and which way is better.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+#[allow(dead_code)] // Rate and Value: the data path and memory sections (next commits)
+pub enum Kind {
+    /// Per-operation times in ns (median and p99 per repetition); lower is better.
+    Latency,
+    /// Operations per second; higher is better.
+    Rate,
+    /// One number per repetition, in `unit`; lower is better.
+    Value {
+        /// Unit shown after the number.
+        unit: &'static str,
+    },
+}
+
+/// What one repetition of a case produced.
+#[allow(dead_code)] // Rate and Value: the data path and memory sections (next commits)
+pub enum Measured {
+    /// Per-operation times, ns.
+    Latency(Vec<f64>),
+    /// `ops` operations in `secs` seconds.
+    Rate {
+        /// Operations completed.
+        ops: u64,
+        /// Seconds they took.
+        secs: f64,
+    },
+    /// One value.
+    Value(f64),
+}
+
+/// One repetition, summarized.
+#[derive(Clone, Debug, Serialize)]
+pub struct Rep {
+    /// Median latency (ns), rate (ops/s) or the value.
+    pub value: f64,
+    /// 99th percentile latency (ns), latency rows only.
+    pub p99: Option<f64>,
+    /// Operations or samples behind it.
+    pub count: u64,
+}
+
+/// A row of the report.
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    /// The section it belongs to.
+    pub section: Section,
+    /// Stable identifier (`data.null.vhost-user.blocking.qd1`), used by ratios and
+    /// checks.
+    pub key: String,
+    /// What a reader sees.
+    pub label: String,
+    /// What is measured.
+    pub kind: Kind,
+    /// Key of the floor row this one is compared with.
+    pub floor: Option<String>,
+    /// Key of the peer row this one is compared with.
+    pub peer: Option<String>,
+    /// The repetitions.
+    pub reps: Vec<Rep>,
+    /// Why the row has no numbers, if it failed.
+    pub error: Option<String>,
+}
+
+impl Row {
+    /// Median over repetitions of each repetition's main value.
+    pub fn value(&self) -> Option<f64> {
+        let v: Vec<f64> = self.reps.iter().map(|r| r.value).collect();
+        (!v.is_empty()).then(|| stats::median(&v))
+    }
+
+    /// Median over repetitions of the p99.
+    pub fn p99(&self) -> Option<f64> {
+        let v: Vec<f64> = self.reps.iter().filter_map(|r| r.p99).collect();
+        (!v.is_empty()).then(|| stats::median(&v))
+    }
+
+    /// (max - min) / median of the repetitions' main values.
+    pub fn spread(&self) -> Option<f64> {
+        let v: Vec<f64> = self.reps.iter().map(|r| r.value).collect();
+        (v.len() > 1).then(|| stats::relative_spread(&v))
+    }
+
+    /// How much more this row costs than `other` (>1: worse): the latency or value
+    /// ratio, or the inverse rate ratio.
+    pub fn cost_ratio(&self, other: &Row) -> Option<f64> {
+        let (a, b) = (self.value()?, other.value()?);
+        let r = match self.kind {
+            Kind::Rate => b / a,
+            _ => a / b,
+        };
+        r.is_finite().then_some(r)
+    }
+}
+
+/// One measurement to repeat.
+pub struct Case<'a> {
+    key: String,
+    label: String,
+    kind: Kind,
+    floor: Option<String>,
+    peer: Option<String>,
+    run: Box<dyn FnMut() -> Result<Measured, String> + 'a>,
+}
+
+impl<'a> Case<'a> {
+    /// A case `key` (shown as `label`) measuring `kind` by calling `run` once per
+    /// repetition.
+    pub fn new(
+        key: impl Into<String>,
+        label: impl Into<String>,
+        kind: Kind,
+        run: impl FnMut() -> Result<Measured, String> + 'a,
+    ) -> Self {
+        Case {
+            key: key.into(),
+            label: label.into(),
+            kind,
+            floor: None,
+            peer: None,
+            run: Box::new(run),
+        }
+    }
+
+    /// Compare with the floor row `key`.
+    pub fn floor(mut self, key: impl Into<String>) -> Self {
+        self.floor = Some(key.into());
+        self
+    }
+
+    /// Compare with the peer row `key`.
+    pub fn peer(mut self, key: impl Into<String>) -> Self {
+        self.peer = Some(key.into());
+        self
+    }
+}
+
+/// Settings every section reads.
+pub struct Settings {
+    /// `--quick`.
+    pub quick: bool,
+    /// Repetitions of every case.
+    pub reps: usize,
+    /// The CPUs.
+    pub placement: Placement,
+    /// Scratch space (sockets, images): on tmpfs when /dev/shm exists.
+    pub work_dir: PathBuf,
+}
+
+impl Settings {
+    /// `full` in a full run, `quick` with `--quick`.
+    pub fn pick(&self, full: usize, quick: usize) -> usize {
+        if self.quick {
+            quick
+        } else {
+            full
+        }
+    }
+}
+
+/// The suite's state: settings and the rows measured so far.
+pub struct Bench {
+    /// Settings.
+    pub settings: Settings,
+    /// Rows, in the order measured.
+    pub rows: Vec<Row>,
+}
+
+impl Bench {
+    /// Run `cases` `settings.reps` times, round-robin, and record their rows.
+    pub fn run_cases(&mut self, section: Section, mut cases: Vec<Case<'_>>) {
+        let first = self.rows.len();
+        for c in &cases {
+            self.rows.push(Row {
+                section,
+                key: c.key.clone(),
+                label: c.label.clone(),
+                kind: c.kind,
+                floor: c.floor.clone(),
+                peer: c.peer.clone(),
+                reps: Vec::new(),
+                error: None,
+            });
+        }
+        for rep in 0..self.settings.reps {
+            for (i, c) in cases.iter_mut().enumerate() {
+                let row = &mut self.rows[first + i];
+                if row.error.is_some() {
+                    continue;
+                }
+                let t = Instant::now();
+                match (c.run)() {
+                    Ok(m) => row.reps.push(summarize(m)),
+                    Err(e) => {
+                        eprintln!("bench: {}: {e}", c.key);
+                        row.error = Some(e);
+                    }
+                }
+                eprintln!(
+                    "bench: {} rep {}/{} ({:.2} s)",
+                    c.key,
+                    rep + 1,
+                    self.settings.reps,
+                    t.elapsed().as_secs_f64()
+                );
+            }
+        }
+    }
+}
+
+fn summarize(m: Measured) -> Rep {
+    match m {
+        Measured::Latency(mut samples) => {
+            let (median, p99) = stats::median_p99(&mut samples);
+            Rep {
+                value: median,
+                p99: Some(p99),
+                count: samples.len() as u64,
+            }
+        }
+        Measured::Rate { ops, secs } => Rep {
+            value: ops as f64 / secs,
+            p99: None,
+            count: ops,
+        },
+        Measured::Value(v) => Rep {
+            value: v,
+            p99: None,
+            count: 1,
+        },
+    }
+}
+
+/// Floors: eventfd and spin ping-pong, AF_UNIX request/reply of the control path's sizes.
+fn floors(bench: &mut Bench) {
+    let place = bench.settings.placement;
+    let n = bench.settings.pick(20_000, 2_000);
+    let spin_n = bench.settings.pick(200_000, 20_000);
+    let unix = |(req, rep): (usize, usize)| {
+        move || floors::unix_request_reply(&place, n, req, rep).map(Measured::Latency)
+    };
+    let cases = vec![
+        Case::new(
+            "floor.eventfd",
+            "eventfd ping-pong (blocking read/write, two threads)",
+            Kind::Latency,
+            move || floors::eventfd_ping_pong(&place, n).map(Measured::Latency),
+        ),
+        Case::new(
+            "floor.spin",
+            "shared-memory spin ping-pong (one cache line)",
+            Kind::Latency,
+            move || floors::spin_ping_pong(&place, spin_n).map(Measured::Latency),
+        ),
+        Case::new(
+            "floor.unix.read",
+            format!(
+                "AF_UNIX request/reply, {}/{} bytes (REGION_READ sizes)",
+                control::READ_SIZES.0,
+                control::READ_SIZES.1
+            ),
+            Kind::Latency,
+            unix(control::READ_SIZES),
+        ),
+        Case::new(
+            "floor.unix.write",
+            format!(
+                "AF_UNIX request/reply, {}/{} bytes (REGION_WRITE sizes)",
+                control::WRITE_SIZES.0,
+                control::WRITE_SIZES.1
+            ),
+            Kind::Latency,
+            unix(control::WRITE_SIZES),
+        ),
+    ];
+    bench.run_cases(Section::Floors, cases);
+}
+
+/// Control path: {unidev, rust-vmm} client × {unidev, rust-vmm} server × {read, write}.
+fn control_path(bench: &mut Bench) {
+    use control::{Access, ClientKind, ServerKind};
+    let place = bench.settings.placement;
+    let dir = bench.settings.work_dir.clone();
+    let n = bench.settings.pick(20_000, 2_000);
+    let name = |k: ServerKind| match k {
+        ServerKind::Unidev => "unidev",
+        ServerKind::RustVmm => "rust-vmm",
+    };
+    let client_name = |k: ClientKind| match k {
+        ClientKind::Unidev => "unidev",
+        ClientKind::RustVmm => "rust-vmm",
+    };
+    let mut cases = Vec::new();
+    for access in [Access::Read, Access::Write] {
+        let op = match access {
+            Access::Read => "read",
+            Access::Write => "write",
+        };
+        for client in [ClientKind::Unidev, ClientKind::RustVmm] {
+            for server in [ServerKind::Unidev, ServerKind::RustVmm] {
+                let key = format!(
+                    "control.{op}.{}-client.{}-server",
+                    client_name(client),
+                    name(server)
+                );
+                let dir = dir.clone();
+                let mut case = Case::new(
+                    key,
+                    format!(
+                        "REGION_{} 4 B: {} client → {} server",
+                        op.to_uppercase(),
+                        client_name(client),
+                        name(server)
+                    ),
+                    Kind::Latency,
+                    move || {
+                        control::round_trips(&place, &dir, server, client, access, n)
+                            .map(Measured::Latency)
+                    },
+                )
+                .floor(format!("floor.unix.{op}"));
+                if server == ServerKind::Unidev {
+                    case = case.peer(format!(
+                        "control.{op}.{}-client.rust-vmm-server",
+                        client_name(client)
+                    ));
+                }
+                cases.push(case);
+            }
+        }
+    }
+    bench.run_cases(Section::Control, cases);
+}
+
+/// `unidev bench`.
+pub fn run(args: BenchArgs) -> Result<(), String> {
+    if std::env::var_os("RUST_LOG").is_none() {
+        // The servers log every connection at info; keep the run's output readable.
+        log::set_max_level(log::LevelFilter::Warn);
+    }
+    let placement = Placement::detect().map_err(|e| format!("cannot read CPU affinity: {e}"))?;
+    let scratch_root = if std::path::Path::new("/dev/shm").is_dir() {
+        PathBuf::from("/dev/shm")
+    } else {
+        std::env::temp_dir()
+    };
+    let work_dir = scratch_root.join(format!("unidev-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&work_dir)
+        .map_err(|e| format!("cannot create {}: {e}", work_dir.display()))?;
+    std::fs::create_dir_all(&args.out)
+        .map_err(|e| format!("cannot create {}: {e}", args.out.display()))?;
+    let sections: Vec<Section> = if args.sections.is_empty() {
+        Section::ALL.to_vec()
+    } else {
+        Section::ALL
+            .into_iter()
+            .filter(|s| args.sections.contains(s))
+            .collect()
+    };
+    let mut bench = Bench {
+        settings: Settings {
+            quick: args.quick,
+            reps: if args.quick { 1 } else { 5 },
+            placement,
+            work_dir: work_dir.clone(),
+        },
+        rows: Vec::new(),
+    };
+    let started = Instant::now();
+    let load_before = report::load_average();
+    placement
+        .on_driver()
+        .map_err(|e| format!("cannot pin to CPU {}: {e}", placement.driver_cpu))?;
+    for s in &sections {
+        eprintln!("bench: == {}", s.title());
+        match s {
+            Section::Floors => floors(&mut bench),
+            Section::Control => control_path(&mut bench),
+            Section::Data | Section::Memory | Section::Scale => {}
+        }
+    }
+    let _ = std::fs::remove_dir_all(&work_dir);
+    let run = report::RunInfo {
+        quick: args.quick,
+        reps: bench.settings.reps,
+        placement: placement.describe(),
+        seconds: started.elapsed().as_secs_f64(),
+        load_before,
+        load_after: report::load_average(),
+        sections,
+    };
+    let written = report::write(&args.out, &bench.rows, &run)?;
+    println!("{written}");
+    Ok(())
+}
