@@ -10,6 +10,7 @@
 //! [`report`] writes the Markdown table, the JSON data and the SVG plot.
 
 mod control;
+mod datapath;
 mod floors;
 mod pin;
 mod report;
@@ -76,7 +77,7 @@ impl Section {
 /// What a row measures, and which way is better.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
-#[allow(dead_code)] // Rate and Value: the data path and memory sections (next commits)
+#[allow(dead_code)] // Value: the memory and scale sections (next commit)
 pub enum Kind {
     /// Per-operation times in ns (median and p99 per repetition); lower is better.
     Latency,
@@ -90,7 +91,7 @@ pub enum Kind {
 }
 
 /// What one repetition of a case produced.
-#[allow(dead_code)] // Rate and Value: the data path and memory sections (next commits)
+#[allow(dead_code)] // Value: the memory and scale sections (next commit)
 pub enum Measured {
     /// Per-operation times, ns.
     Latency(Vec<f64>),
@@ -169,32 +170,24 @@ impl Row {
     }
 }
 
-/// One measurement to repeat.
-pub struct Case<'a> {
+/// A row a case fills.
+pub struct RowSpec {
     key: String,
     label: String,
     kind: Kind,
     floor: Option<String>,
     peer: Option<String>,
-    run: Box<dyn FnMut() -> Result<Measured, String> + 'a>,
 }
 
-impl<'a> Case<'a> {
-    /// A case `key` (shown as `label`) measuring `kind` by calling `run` once per
-    /// repetition.
-    pub fn new(
-        key: impl Into<String>,
-        label: impl Into<String>,
-        kind: Kind,
-        run: impl FnMut() -> Result<Measured, String> + 'a,
-    ) -> Self {
-        Case {
+impl RowSpec {
+    /// Row `key` (shown as `label`) measuring `kind`.
+    pub fn new(key: impl Into<String>, label: impl Into<String>, kind: Kind) -> Self {
+        RowSpec {
             key: key.into(),
             label: label.into(),
             kind,
             floor: None,
             peer: None,
-            run: Box::new(run),
         }
     }
 
@@ -208,6 +201,35 @@ impl<'a> Case<'a> {
     pub fn peer(mut self, key: impl Into<String>) -> Self {
         self.peer = Some(key.into());
         self
+    }
+}
+
+type CaseRun<'a> = Box<dyn FnMut() -> Result<Vec<Measured>, String> + 'a>;
+
+/// One measurement to repeat; it fills one or more rows per repetition.
+pub struct Case<'a> {
+    specs: Vec<RowSpec>,
+    run: CaseRun<'a>,
+}
+
+impl<'a> Case<'a> {
+    /// A case filling one row by calling `run` once per repetition.
+    pub fn new(spec: RowSpec, mut run: impl FnMut() -> Result<Measured, String> + 'a) -> Self {
+        Case {
+            specs: vec![spec],
+            run: Box::new(move || run().map(|m| vec![m])),
+        }
+    }
+
+    /// A case filling `specs.len()` rows; `run` returns one measurement per row.
+    pub fn multi(
+        specs: Vec<RowSpec>,
+        run: impl FnMut() -> Result<Vec<Measured>, String> + 'a,
+    ) -> Self {
+        Case {
+            specs,
+            run: Box::new(run),
+        }
     }
 }
 
@@ -245,36 +267,52 @@ pub struct Bench {
 impl Bench {
     /// Run `cases` `settings.reps` times, round-robin, and record their rows.
     pub fn run_cases(&mut self, section: Section, mut cases: Vec<Case<'_>>) {
-        let first = self.rows.len();
+        let mut first_row = Vec::with_capacity(cases.len());
         for c in &cases {
-            self.rows.push(Row {
-                section,
-                key: c.key.clone(),
-                label: c.label.clone(),
-                kind: c.kind,
-                floor: c.floor.clone(),
-                peer: c.peer.clone(),
-                reps: Vec::new(),
-                error: None,
-            });
+            first_row.push(self.rows.len());
+            for s in &c.specs {
+                self.rows.push(Row {
+                    section,
+                    key: s.key.clone(),
+                    label: s.label.clone(),
+                    kind: s.kind,
+                    floor: s.floor.clone(),
+                    peer: s.peer.clone(),
+                    reps: Vec::new(),
+                    error: None,
+                });
+            }
         }
         for rep in 0..self.settings.reps {
-            for (i, c) in cases.iter_mut().enumerate() {
-                let row = &mut self.rows[first + i];
-                if row.error.is_some() {
+            for (c, &first) in cases.iter_mut().zip(&first_row) {
+                let rows = &mut self.rows[first..first + c.specs.len()];
+                if rows[0].error.is_some() {
                     continue;
                 }
                 let t = Instant::now();
-                match (c.run)() {
-                    Ok(m) => row.reps.push(summarize(m)),
+                let result = (c.run)().and_then(|m| {
+                    if m.len() == rows.len() {
+                        Ok(m)
+                    } else {
+                        Err(format!("{} measurements for {} rows", m.len(), rows.len()))
+                    }
+                });
+                match result {
+                    Ok(ms) => {
+                        for (row, m) in rows.iter_mut().zip(ms) {
+                            row.reps.push(summarize(m));
+                        }
+                    }
                     Err(e) => {
-                        eprintln!("bench: {}: {e}", c.key);
-                        row.error = Some(e);
+                        eprintln!("bench: {}: {e}", rows[0].key);
+                        for row in rows.iter_mut() {
+                            row.error = Some(e.clone());
+                        }
                     }
                 }
                 eprintln!(
                     "bench: {} rep {}/{} ({:.2} s)",
-                    c.key,
+                    rows[0].key,
                     rep + 1,
                     self.settings.reps,
                     t.elapsed().as_secs_f64()
@@ -317,35 +355,43 @@ fn floors(bench: &mut Bench) {
     };
     let cases = vec![
         Case::new(
-            "floor.eventfd",
-            "eventfd ping-pong (blocking read/write, two threads)",
-            Kind::Latency,
+            RowSpec::new(
+                "floor.eventfd",
+                "eventfd ping-pong (blocking read/write, two threads)",
+                Kind::Latency,
+            ),
             move || floors::eventfd_ping_pong(&place, n).map(Measured::Latency),
         ),
         Case::new(
-            "floor.spin",
-            "shared-memory spin ping-pong (one cache line)",
-            Kind::Latency,
+            RowSpec::new(
+                "floor.spin",
+                "shared-memory spin ping-pong (one cache line)",
+                Kind::Latency,
+            ),
             move || floors::spin_ping_pong(&place, spin_n).map(Measured::Latency),
         ),
         Case::new(
-            "floor.unix.read",
-            format!(
-                "AF_UNIX request/reply, {}/{} bytes (REGION_READ sizes)",
-                control::READ_SIZES.0,
-                control::READ_SIZES.1
+            RowSpec::new(
+                "floor.unix.read",
+                format!(
+                    "AF_UNIX request/reply, {}/{} bytes (REGION_READ sizes)",
+                    control::READ_SIZES.0,
+                    control::READ_SIZES.1
+                ),
+                Kind::Latency,
             ),
-            Kind::Latency,
             unix(control::READ_SIZES),
         ),
         Case::new(
-            "floor.unix.write",
-            format!(
-                "AF_UNIX request/reply, {}/{} bytes (REGION_WRITE sizes)",
-                control::WRITE_SIZES.0,
-                control::WRITE_SIZES.1
+            RowSpec::new(
+                "floor.unix.write",
+                format!(
+                    "AF_UNIX request/reply, {}/{} bytes (REGION_WRITE sizes)",
+                    control::WRITE_SIZES.0,
+                    control::WRITE_SIZES.1
+                ),
+                Kind::Latency,
             ),
-            Kind::Latency,
             unix(control::WRITE_SIZES),
         ),
     ];
@@ -379,8 +425,7 @@ fn control_path(bench: &mut Bench) {
                     client_name(client),
                     name(server)
                 );
-                let dir = dir.clone();
-                let mut case = Case::new(
+                let mut spec = RowSpec::new(
                     key,
                     format!(
                         "REGION_{} 4 B: {} client → {} server",
@@ -389,23 +434,87 @@ fn control_path(bench: &mut Bench) {
                         name(server)
                     ),
                     Kind::Latency,
-                    move || {
-                        control::round_trips(&place, &dir, server, client, access, n)
-                            .map(Measured::Latency)
-                    },
                 )
                 .floor(format!("floor.unix.{op}"));
                 if server == ServerKind::Unidev {
-                    case = case.peer(format!(
+                    spec = spec.peer(format!(
                         "control.{op}.{}-client.rust-vmm-server",
                         client_name(client)
                     ));
                 }
+                let dir = dir.clone();
+                let case = Case::new(spec, move || {
+                    control::round_trips(&place, &dir, server, client, access, n)
+                        .map(Measured::Latency)
+                });
                 cases.push(case);
             }
         }
     }
     bench.run_cases(Section::Control, cases);
+}
+
+/// Data path: every backend × transport × mode, QD1 latency and QD32 IOPS.
+fn data_path(bench: &mut Bench) {
+    use datapath::{Backend, Config, Mode, Transport};
+    let place = bench.settings.placement;
+    let dir = bench.settings.work_dir.clone();
+    let qd1 = bench.settings.pick(5_000, 500);
+    let deep = bench.settings.pick(20_000, 2_000);
+    let mut cases = Vec::new();
+    for backend in [Backend::Null, Backend::Tmpfs] {
+        for mode in [Mode::Blocking, Mode::Adaptive] {
+            for transport in Transport::ALL {
+                let cfg = Config {
+                    backend,
+                    transport,
+                    mode,
+                };
+                let key = cfg.key();
+                let label = format!(
+                    "{}, {} backend, {}",
+                    transport.label(),
+                    backend.key(),
+                    mode.key()
+                );
+                let peer = match transport {
+                    Transport::StockVhostUser => None,
+                    Transport::UnidevVhostUser => Some(Config {
+                        transport: Transport::StockVhostUser,
+                        ..cfg
+                    }),
+                    Transport::VfioUserSocket | Transport::VfioUserMmap => Some(Config {
+                        transport: Transport::UnidevVhostUser,
+                        ..cfg
+                    }),
+                };
+                let mut lat =
+                    RowSpec::new(format!("{key}.qd1"), format!("{label}: QD1"), Kind::Latency)
+                        .floor(match mode {
+                            Mode::Blocking => "floor.eventfd",
+                            Mode::Adaptive => "floor.spin",
+                        });
+                let mut iops =
+                    RowSpec::new(format!("{key}.qd32"), format!("{label}: QD32"), Kind::Rate);
+                if let Some(p) = peer {
+                    lat = lat.peer(format!("{}.qd1", p.key()));
+                    iops = iops.peer(format!("{}.qd32", p.key()));
+                }
+                let dir = dir.clone();
+                cases.push(Case::multi(vec![lat, iops], move || {
+                    let r = datapath::run(cfg, &place, &dir, qd1, deep)?;
+                    Ok(vec![
+                        Measured::Latency(r.qd1),
+                        Measured::Rate {
+                            ops: r.qd32.0,
+                            secs: r.qd32.1,
+                        },
+                    ])
+                }));
+            }
+        }
+    }
+    bench.run_cases(Section::Data, cases);
 }
 
 /// `unidev bench`.
@@ -452,7 +561,8 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         match s {
             Section::Floors => floors(&mut bench),
             Section::Control => control_path(&mut bench),
-            Section::Data | Section::Memory | Section::Scale => {}
+            Section::Data => data_path(&mut bench),
+            Section::Memory | Section::Scale => {}
         }
     }
     let _ = std::fs::remove_dir_all(&work_dir);
