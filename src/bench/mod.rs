@@ -12,8 +12,10 @@
 mod control;
 mod datapath;
 mod floors;
+mod memory;
 mod pin;
 mod report;
+mod scale;
 mod stats;
 
 use std::path::PathBuf;
@@ -77,7 +79,6 @@ impl Section {
 /// What a row measures, and which way is better.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
-#[allow(dead_code)] // Value: the memory and scale sections (next commit)
 pub enum Kind {
     /// Per-operation times in ns (median and p99 per repetition); lower is better.
     Latency,
@@ -91,7 +92,6 @@ pub enum Kind {
 }
 
 /// What one repetition of a case produced.
-#[allow(dead_code)] // Value: the memory and scale sections (next commit)
 pub enum Measured {
     /// Per-operation times, ns.
     Latency(Vec<f64>),
@@ -517,6 +517,129 @@ fn data_path(bench: &mut Bench) {
     bench.run_cases(Section::Data, cases);
 }
 
+/// Memory layer: map+unmap rates and translation at 1, 1,000 and 65,535 maps.
+fn memory_layer(bench: &mut Bench) {
+    let pairs = bench.settings.pick(20_000, 2_000);
+    let lookups = bench.settings.pick(2_000_000, 200_000);
+    let mut cases = Vec::new();
+    for (with_fd, present, key, label) in [
+        (
+            true,
+            0,
+            "memory.map-unmap.fd",
+            "DMA map + unmap, 4 KiB with memfd (empty space)",
+        ),
+        (
+            false,
+            0,
+            "memory.map-unmap.no-fd",
+            "DMA map + unmap, 4 KiB without fd (empty space)",
+        ),
+        (
+            true,
+            1000,
+            "memory.map-unmap.fd.1000",
+            "DMA map + unmap, 4 KiB with memfd, 1,000 maps present",
+        ),
+    ] {
+        cases.push(Case::new(RowSpec::new(key, label, Kind::Rate), move || {
+            let (ops, secs) = memory::map_unmap_rate(with_fd, present, pairs)?;
+            Ok(Measured::Rate { ops, secs })
+        }));
+    }
+    for maps in [1u64, 1000, 65535] {
+        let snapshot = RowSpec::new(
+            format!("memory.translate.{maps}"),
+            format!("translate (snapshot, vm-memory lookup), {maps} maps"),
+            Kind::Value { unit: "ns" },
+        );
+        let find = RowSpec::new(
+            format!("memory.find.{maps}"),
+            format!("translate (DmaSpace::find, locked table), {maps} maps"),
+            Kind::Value { unit: "ns" },
+        );
+        let (snapshot, find) = if maps == 1 {
+            (snapshot, find)
+        } else {
+            (
+                snapshot.peer("memory.translate.1"),
+                find.peer("memory.find.1"),
+            )
+        };
+        cases.push(Case::multi(vec![snapshot, find], move || {
+            let (snap_ns, find_ns) = memory::translation(maps, lookups)?;
+            Ok(vec![Measured::Value(snap_ns), Measured::Value(find_ns)])
+        }));
+    }
+    bench.run_cases(Section::Memory, cases);
+}
+
+/// Scale: 1 and 64 idle devices in one daemon.
+fn scale_out(bench: &mut Bench) {
+    const DEVICES: usize = 64;
+    let place = bench.settings.placement;
+    let dir = bench.settings.work_dir.clone();
+    let specs = vec![
+        RowSpec::new(
+            "scale.accept-ms",
+            format!("{DEVICES} devices: spawn until every socket accepts"),
+            Kind::Value { unit: "ms" },
+        )
+        .peer("scale.accept-ms.1"),
+        RowSpec::new(
+            "scale.accept-ms.1",
+            "1 device: spawn until its socket accepts",
+            Kind::Value { unit: "ms" },
+        ),
+        RowSpec::new(
+            "scale.rss-total",
+            format!("{DEVICES} devices: daemon resident memory"),
+            Kind::Value { unit: "KiB" },
+        ),
+        RowSpec::new(
+            "scale.rss-total.1",
+            "1 device: daemon resident memory",
+            Kind::Value { unit: "KiB" },
+        ),
+        RowSpec::new(
+            "scale.rss-per-device",
+            format!(
+                "resident memory per idle device ((RSS {DEVICES} − RSS 1) / {})",
+                DEVICES - 1
+            ),
+            Kind::Value { unit: "KiB" },
+        ),
+        RowSpec::new(
+            "scale.threads-total",
+            format!("{DEVICES} devices: daemon threads"),
+            Kind::Value { unit: "threads" },
+        ),
+        RowSpec::new(
+            "scale.threads-per-device",
+            format!(
+                "threads per idle device ((threads {DEVICES} − threads 1) / {})",
+                DEVICES - 1
+            ),
+            Kind::Value { unit: "threads" },
+        ),
+    ];
+    let case = Case::multi(specs, move || {
+        let one = scale::footprint(&place, &dir, 1)?;
+        let many = scale::footprint(&place, &dir, DEVICES)?;
+        let per = |a: f64, b: f64| (a - b) / (DEVICES - 1) as f64;
+        Ok(vec![
+            Measured::Value(many.accept_ms),
+            Measured::Value(one.accept_ms),
+            Measured::Value(many.rss_kib),
+            Measured::Value(one.rss_kib),
+            Measured::Value(per(many.rss_kib, one.rss_kib)),
+            Measured::Value(many.threads),
+            Measured::Value(per(many.threads, one.threads)),
+        ])
+    });
+    bench.run_cases(Section::Scale, vec![case]);
+}
+
 /// `unidev bench`.
 pub fn run(args: BenchArgs) -> Result<(), String> {
     if std::env::var_os("RUST_LOG").is_none() {
@@ -562,7 +685,8 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
             Section::Floors => floors(&mut bench),
             Section::Control => control_path(&mut bench),
             Section::Data => data_path(&mut bench),
-            Section::Memory | Section::Scale => {}
+            Section::Memory => memory_layer(&mut bench),
+            Section::Scale => scale_out(&mut bench),
         }
     }
     let _ = std::fs::remove_dir_all(&work_dir);
