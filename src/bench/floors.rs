@@ -75,6 +75,15 @@ struct Line(AtomicU64);
 /// Round trips of a counter between two threads spinning on one cache line.
 pub fn spin_ping_pong(place: &Placement, rounds: usize) -> Result<Vec<f64>, String> {
     const STOP: u64 = u64::MAX;
+    // Sharing one CPU, a spinner only makes progress when it gives the CPU up.
+    let shared = place.driver_cpu == place.device_cpu;
+    let pause = move || {
+        if shared {
+            std::thread::yield_now()
+        } else {
+            std::hint::spin_loop()
+        }
+    };
     let line = Arc::new(Line(AtomicU64::new(0)));
     let l = line.clone();
     let responder = place
@@ -92,7 +101,7 @@ pub fn spin_ping_pong(place: &Placement, rounds: usize) -> Result<Vec<f64>, Stri
                             l.0.store(v + 1, Ordering::Release);
                             expect += 2;
                         } else {
-                            std::hint::spin_loop();
+                            pause();
                         }
                     }
                 })
@@ -104,7 +113,7 @@ pub fn spin_ping_pong(place: &Placement, rounds: usize) -> Result<Vec<f64>, Stri
         let t = Instant::now();
         line.0.store(2 * i + 1, Ordering::Release);
         while line.0.load(Ordering::Acquire) != 2 * i + 2 {
-            std::hint::spin_loop();
+            pause();
         }
         samples.push(ns_since(t));
     }

@@ -17,6 +17,7 @@ mod pin;
 mod report;
 mod scale;
 mod stats;
+mod svg;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -348,8 +349,8 @@ fn summarize(m: Measured) -> Rep {
 /// Floors: eventfd and spin ping-pong, AF_UNIX request/reply of the control path's sizes.
 fn floors(bench: &mut Bench) {
     let place = bench.settings.placement;
-    let n = bench.settings.pick(20_000, 2_000);
-    let spin_n = bench.settings.pick(200_000, 20_000);
+    let n = bench.settings.pick(20_000, 5_000);
+    let spin_n = bench.settings.pick(200_000, 50_000);
     let unix = |(req, rep): (usize, usize)| {
         move || floors::unix_request_reply(&place, n, req, rep).map(Measured::Latency)
     };
@@ -403,7 +404,7 @@ fn control_path(bench: &mut Bench) {
     use control::{Access, ClientKind, ServerKind};
     let place = bench.settings.placement;
     let dir = bench.settings.work_dir.clone();
-    let n = bench.settings.pick(20_000, 2_000);
+    let n = bench.settings.pick(20_000, 4_000);
     let name = |k: ServerKind| match k {
         ServerKind::Unidev => "unidev",
         ServerKind::RustVmm => "rust-vmm",
@@ -459,8 +460,8 @@ fn data_path(bench: &mut Bench) {
     use datapath::{Backend, Config, Mode, Transport};
     let place = bench.settings.placement;
     let dir = bench.settings.work_dir.clone();
-    let qd1 = bench.settings.pick(5_000, 500);
-    let deep = bench.settings.pick(20_000, 2_000);
+    let qd1 = bench.settings.pick(10_000, 1_500);
+    let deep = bench.settings.pick(100_000, 20_000);
     let mut cases = Vec::new();
     for backend in [Backend::Null, Backend::Tmpfs] {
         for mode in [Mode::Blocking, Mode::Adaptive] {
@@ -520,7 +521,7 @@ fn data_path(bench: &mut Bench) {
 /// Memory layer: map+unmap rates and translation at 1, 1,000 and 65,535 maps.
 fn memory_layer(bench: &mut Bench) {
     let pairs = bench.settings.pick(20_000, 2_000);
-    let lookups = bench.settings.pick(2_000_000, 200_000);
+    let lookups = bench.settings.pick(2_000_000, 1_000_000);
     let mut cases = Vec::new();
     for (with_fd, present, key, label) in [
         (
