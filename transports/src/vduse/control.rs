@@ -87,6 +87,37 @@ pub enum VduseError {
         /// Why.
         why: &'static str,
     },
+    /// A device of this name exists and is attached to the vDPA bus, but the kernel has
+    /// marked it broken (a request of the kernel went unanswered for `msg_timeout`
+    /// seconds, typically while no daemon served it): it cannot be taken over, only
+    /// removed from the vDPA bus and destroyed.
+    #[error(
+        "VDUSE device {name} is left over from a daemon that died, and the kernel marked it \
+         broken (a request went unanswered for msg_timeout seconds): remove it from the \
+         vDPA bus (`vdpa dev del {name}`) and start again"
+    )]
+    Broken {
+        /// The device name.
+        name: String,
+    },
+    /// A device of this name exists and another process serves it.
+    #[error(
+        "VDUSE device {name} exists and another process serves it (/dev/vduse/{name} is \
+         open): stop that daemon first"
+    )]
+    InUse {
+        /// The device name.
+        name: String,
+    },
+    /// A left-over device cannot be taken over because it is not the device this daemon
+    /// would create.
+    #[error("VDUSE device {name} is left over from a daemon that died and differs: {why}")]
+    Mismatch {
+        /// The device name.
+        name: String,
+        /// How it differs.
+        why: String,
+    },
     /// The kernel refused API version 0.
     #[error(
         "the kernel (VDUSE API version {0}) refused API version 0, which this transport implements"
@@ -261,6 +292,11 @@ impl DeviceSpec {
     }
 }
 
+/// Lower-case hex of `bytes`, for log lines (the config space as the kernel was given it).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// An open `/dev/vduse/control`.
 #[derive(Debug)]
 pub struct VduseControl {
@@ -370,8 +406,14 @@ impl VduseControl {
             });
         }
         info!(
-            "VDUSE device {} created (type {}, features {:#x}, {} queue(s) of up to {})",
-            spec.name, spec.device_type, spec.features, spec.num_queues, spec.max_queue_size
+            "VDUSE device {} created (type {}, features {:#x}, {} queue(s) of up to {}, \
+             config {})",
+            spec.name,
+            spec.device_type,
+            spec.features,
+            spec.num_queues,
+            spec.max_queue_size,
+            hex(&spec.config)
         );
         Ok(())
     }

@@ -14,6 +14,9 @@
 //! * [`vdpa_netlink`] — attaching the device to the vDPA bus (`vdpa dev add`) over generic
 //!   netlink, and making sure the requested bus driver binds it.
 //!
+//! A device left over by a daemon that was killed is destroyed and created anew, or, when
+//! a driver still holds it, taken over and resumed (see [`server`]).
+//!
 //! The kernel (6.12) accepts virtio-blk and virtio-net devices only, requires
 //! `VIRTIO_F_ACCESS_PLATFORM`, and exposes the config space read-only.
 //!
@@ -33,4 +36,7 @@ mod session_tests;
 
 pub use control::{VduseError, DEFAULT_CONTROL_PATH};
 pub use server::{VduseOptions, VduseServer};
-pub use vdpa_netlink::{attach, Attachment, NetlinkVdpa, VdpaBus, VdpaDriver, VdpaError};
+pub use vdpa_netlink::{
+    adopt_attachment, attach, device_exists, Attachment, NetlinkVdpa, VdpaBus, VdpaDriver,
+    VdpaError, VdpaManager,
+};

@@ -12,6 +12,27 @@
 //! 3. On stop: the session resets the device and unmaps all memory, `/dev/vduse/NAME` is
 //!    closed, and `VDUSE_DESTROY_DEV` removes the device. The kernel refuses that while
 //!    the device is still attached to the vDPA bus, so detach first.
+//!
+//! A device of the same name may be left over by a daemon that was killed. What the
+//! kernel (6.12) does then: closing `/dev/vduse/NAME` (`vduse_dev_release`) only marks the
+//! device disconnected; the device stays on the vDPA bus, its driver keeps it, and the
+//! driver's requests wait in the rings — nothing in VDUSE or virtio-blk times them out, so
+//! I/O on the device blocks until a daemon serves it again. A control message the kernel
+//! sends meanwhile (a reset, when a driver unbinds or `/dev/vhost-vdpa-N` is opened) waits
+//! `msg_timeout` seconds (`/sys/class/vduse/NAME/msg_timeout`, 30 by default), then
+//! fails and marks the device broken for good. So [`VduseServer::create`], finding the
+//! name taken:
+//! * destroys the old device if the kernel lets it (not attached, not open) and creates
+//!   it anew;
+//! * if it is attached and not broken, takes it over: opens `/dev/vduse/NAME` again (the
+//!   kernel allows one opener), checks that it is the device this daemon would create
+//!   (type, queue count, features), and serves it, resuming its queues
+//!   ([`Session::adopt`]) — the waiting requests then complete;
+//! * if it is broken, fails with [`VduseError::Broken`]: it must be removed from the vDPA
+//!   bus first (removal waits for the driver's requests in flight, which only a daemon
+//!   could complete — so an attached broken device with I/O in flight cannot be removed).
+//!
+//! [`Session::adopt`]: super::session::Session::adopt
 
 use std::fs::File;
 use std::io;
@@ -25,7 +46,8 @@ use unidev_core::memory::DmaSpace;
 use unidev_core::virtio::VirtioDevice;
 
 use super::control::{
-    open_device_node, setup_queues, DeviceSpec, VduseControl, VduseError, DEFAULT_CONTROL_PATH,
+    open_device_node, setup_queues, virtio_type_name, DeviceSpec, VduseControl, VduseError,
+    DEFAULT_CONTROL_PATH,
 };
 use super::session::{read_request, write_response, KernelIoctls, Session, VduseIoctls};
 
@@ -73,8 +95,40 @@ pub struct VduseServer {
     session: Arc<Mutex<Session>>,
     channel: Arc<File>,
     failure: Arc<Mutex<Option<String>>>,
+    /// The device was left over by a dead daemon: take it over before serving.
+    takeover: bool,
     // Keep last: destroying the device needs every other reference to its node closed.
     created: Option<CreatedDevice>,
+}
+
+/// Whether the device behind `io` is the one `spec` describes, as far as the kernel tells:
+/// its queue count (`VDUSE_VQ_GET_INFO` answers for indexes below it only) and the
+/// driver's features (a subset of what `spec` offers). The config space cannot be read
+/// back; the kernel keeps the one the device was created with.
+fn check_same_device(spec: &DeviceSpec, io: &dyn VduseIoctls) -> Result<(), VduseError> {
+    let mismatch = |why: String| VduseError::Mismatch {
+        name: spec.name.clone(),
+        why,
+    };
+    let last = spec.num_queues.saturating_sub(1);
+    if io.vq_info(last).is_err() || io.vq_info(spec.num_queues).is_ok() {
+        return Err(mismatch(format!(
+            "it does not have {} queue(s)",
+            spec.num_queues
+        )));
+    }
+    let features = io
+        .driver_features()
+        .map_err(|e| VduseError::from_os("VDUSE_DEV_GET_FEATURES", e))?;
+    if features & !spec.features != 0 {
+        return Err(mismatch(format!(
+            "its driver accepted features {features:#x}, not all offered by this {} \
+             ({:#x})",
+            virtio_type_name(spec.device_type),
+            spec.features
+        )));
+    }
+    Ok(())
 }
 
 impl VduseServer {
@@ -87,32 +141,85 @@ impl VduseServer {
     ) -> Result<Self, VduseError> {
         let spec = DeviceSpec::for_device(&options.name, device.as_ref())?;
         let control = VduseControl::open(&options.control_path)?;
+        let mut takeover = false;
         match control.create(&spec) {
             Ok(()) => {}
             Err(VduseError::Os { source, .. }) if source.raw_os_error() == Some(libc::EEXIST) => {
-                // A daemon killed without cleaning up leaves its device behind; a device
-                // in use (attached, or open by a running daemon) refuses destruction.
-                warn!(
-                    "VDUSE device {} already exists; destroying the stale one",
-                    spec.name
-                );
-                control.destroy(&spec.name)?;
-                control.create(&spec)?;
+                // Left over by a daemon killed without cleaning up (see the module docs).
+                match control.destroy(&spec.name) {
+                    Ok(()) => {
+                        warn!(
+                            "VDUSE device {} was left over (not attached): destroyed it",
+                            spec.name
+                        );
+                        control.create(&spec)?;
+                    }
+                    Err(VduseError::Os { source, .. })
+                        if source.raw_os_error() == Some(libc::EBUSY) =>
+                    {
+                        takeover = true;
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             Err(e) => return Err(e),
+        }
+        let node = match open_device_node(&options.dev_dir, &spec.name) {
+            Err(VduseError::Os { source, .. })
+                if takeover && source.raw_os_error() == Some(libc::EBUSY) =>
+            {
+                return Err(VduseError::InUse { name: spec.name });
+            }
+            other => other?,
+        };
+        let channel = Arc::new(node);
+        let io: Arc<dyn VduseIoctls> = Arc::new(KernelIoctls::new(channel.clone()));
+        if takeover {
+            // Every ioctl of a broken device fails with EPERM.
+            match io.vq_info(0) {
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                    return Err(VduseError::Broken { name: spec.name });
+                }
+                _ => check_same_device(&spec, io.as_ref())?,
+            }
+            warn!(
+                "VDUSE device {} is left over from a daemon that died while it was \
+                 attached: taking it over",
+                spec.name
+            );
+        } else {
+            setup_queues(&channel, &spec)?;
         }
         let created = CreatedDevice {
             control,
             name: spec.name.clone(),
         };
-        let node = open_device_node(&options.dev_dir, &spec.name)?;
-        setup_queues(&node, &spec)?;
-        let channel = Arc::new(node);
-        let io: Arc<dyn VduseIoctls> = Arc::new(KernelIoctls::new(channel.clone()));
         let mut server = Self::with_channel(spec.name.clone(), device, dma, channel, io)
             .map_err(|e| VduseError::from_os("cannot create the event loop", e))?;
+        server.takeover = takeover;
         server.created = Some(created);
         Ok(server)
+    }
+
+    /// Serve a channel like [`with_channel`](VduseServer::with_channel), taking the device
+    /// over first ([`Session::adopt`](super::session::Session::adopt)): for a device whose
+    /// previous daemon died.
+    pub fn takeover_channel(
+        name: impl Into<String>,
+        device: Arc<dyn VirtioDevice>,
+        dma: Arc<DmaSpace>,
+        channel: Arc<File>,
+        io: Arc<dyn VduseIoctls>,
+    ) -> io::Result<Self> {
+        let mut server = Self::with_channel(name, device, dma, channel, io)?;
+        server.takeover = true;
+        Ok(server)
+    }
+
+    /// Whether this server took over a device left by a daemon that died (it is attached
+    /// to the vDPA bus already).
+    pub fn took_over(&self) -> bool {
+        self.takeover
     }
 
     /// Serve an existing request channel with the given ioctls (tests use a socket and a
@@ -132,6 +239,7 @@ impl VduseServer {
             event_loop: EventLoop::new()?,
             channel,
             failure: Arc::new(Mutex::new(None)),
+            takeover: false,
             created: None,
         })
     }
@@ -155,39 +263,37 @@ impl VduseServer {
     /// Fails when the channel fails (the kernel marks a device broken when an answer takes
     /// longer than its `msg_timeout`) or the device cannot be destroyed.
     pub fn run(mut self) -> io::Result<()> {
-        let session = self.session.clone();
-        let channel = self.channel.clone();
-        let failure = self.failure.clone();
-        let name = self.name.clone();
-        self.event_loop.add(
-            self.channel.as_raw_fd(),
-            epoll::Events::EPOLLIN,
-            move |ctx, events| {
-                if events.contains(epoll::Events::EPOLLERR) {
-                    let why = "the kernel marked the device broken (an answer came too late?)";
-                    error!("{name}: {why}");
-                    *failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.into());
-                    return Control::Exit;
-                }
-                let req = match read_request(&channel) {
-                    Ok(Some(req)) => req,
-                    Ok(None) => return Control::Continue,
-                    Err(e) => {
-                        error!("{name}: request channel failed: {e}");
-                        *failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+        let channel_fd = self.channel.as_raw_fd();
+        let serve = self.channel_handler();
+        if self.takeover {
+            // The takeover needs a loop context (for relays) and must come before any
+            // message the kernel re-queued for this reader: it is the loop's first event,
+            // and it starts watching the channel.
+            let first = vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)?;
+            first.write(1)?;
+            let session = self.session.clone();
+            let failure = self.failure.clone();
+            let name = self.name.clone();
+            let mut serve = Some(serve);
+            self.event_loop
+                .add(first.as_raw_fd(), epoll::Events::EPOLLIN, move |ctx, _| {
+                    let _ = first.read();
+                    let adopted = session.lock().unwrap_or_else(|e| e.into_inner()).adopt(ctx);
+                    if let Err(e) = adopted {
+                        error!("{name}: cannot take the device over: {e}");
+                        *failure.lock().unwrap_or_else(|e| e.into_inner()) =
+                            Some(format!("cannot take the device over: {e}"));
                         return Control::Exit;
                     }
-                };
-                let resp = session
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .handle(&req, ctx);
-                if let Err(e) = write_response(&channel, &resp) {
-                    warn!("{name}: cannot answer request {}: {e}", req.request_id);
-                }
-                Control::Continue
-            },
-        )?;
+                    if let Some(serve) = serve.take() {
+                        ctx.add(channel_fd, epoll::Events::EPOLLIN, serve);
+                    }
+                    Control::Remove
+                })?;
+        } else {
+            self.event_loop
+                .add(channel_fd, epoll::Events::EPOLLIN, serve)?;
+        }
         info!("{}: serving VDUSE requests", self.name);
         let result = self.event_loop.run();
         self.shutdown();
@@ -200,6 +306,42 @@ impl VduseServer {
         match failure {
             Some(why) => Err(io::Error::other(why)),
             None => Ok(()),
+        }
+    }
+
+    /// The request channel's handler: read a request, answer it through the session.
+    fn channel_handler(
+        &self,
+    ) -> impl FnMut(&mut unidev_core::dispatch::LoopContext, epoll::Events) -> Control + Send + 'static
+    {
+        let session = self.session.clone();
+        let channel = self.channel.clone();
+        let failure = self.failure.clone();
+        let name = self.name.clone();
+        move |ctx, events| {
+            if events.contains(epoll::Events::EPOLLERR) {
+                let why = "the kernel marked the device broken (an answer came too late?)";
+                error!("{name}: {why}");
+                *failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.into());
+                return Control::Exit;
+            }
+            let req = match read_request(&channel) {
+                Ok(Some(req)) => req,
+                Ok(None) => return Control::Continue,
+                Err(e) => {
+                    error!("{name}: request channel failed: {e}");
+                    *failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+                    return Control::Exit;
+                }
+            };
+            let resp = session
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .handle(&req, ctx);
+            if let Err(e) = write_response(&channel, &resp) {
+                warn!("{name}: cannot answer request {}: {e}", req.request_id);
+            }
+            Control::Continue
         }
     }
 

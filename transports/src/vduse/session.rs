@@ -15,6 +15,10 @@
 //!   all memory is unmapped.
 //! * `VDUSE_UPDATE_IOTLB` — the range is re-read from the kernel into the `DmaSpace`.
 //!
+//! A session can also take over a device whose daemon died while a driver used it
+//! ([`Session::adopt`]): the kernel keeps the device and its rings, so the queues are
+//! started again at their used index and the driver's waiting requests complete.
+//!
 //! The session holds no device state beyond the status and where each queue stopped. The
 //! ioctls it uses are the [`VduseIoctls`] trait, so tests drive it with a fake device.
 
@@ -39,6 +43,10 @@ use super::uapi::{
     VDUSE_VQ_GET_INFO, VDUSE_VQ_INJECT_IRQ, VDUSE_VQ_SETUP_KICKFD,
 };
 
+/// Device status bit: the driver found the device (virtio 1.2 section 2.1).
+pub const STATUS_ACKNOWLEDGE: u8 = 0x01;
+/// Device status bit: the driver knows how to drive the device.
+pub const STATUS_DRIVER: u8 = 0x02;
 /// Device status bit: the driver accepted the features (virtio 1.2 section 2.1).
 pub const STATUS_FEATURES_OK: u8 = 0x08;
 /// Device status bit: the driver is ready; queues run.
@@ -391,8 +399,59 @@ impl Session {
                 debug!("{}: queue {index} not ready; not started", self.name);
                 continue;
             }
-            self.start_queue(index, &info, ctx)?;
+            self.start_queue(index, &info, ctx, false)?;
         }
+        Ok(())
+    }
+
+    /// Take over a device whose previous daemon died while a driver used it.
+    ///
+    /// The kernel keeps such a device as it was (`vduse_dev_release` in
+    /// `drivers/vdpa/vdpa_user/vduse_dev.c` only marks it disconnected and puts requests
+    /// the dead daemon read but did not answer back in the queue for the next reader):
+    /// driver features, queue addresses and sizes, the IOTLB and the rings in memory. There
+    /// is no ioctl for the device status, so it is inferred: negotiated features mean
+    /// FEATURES_OK, a ready queue means DRIVER_OK. Then, as at DRIVER_OK, the IOTLB is
+    /// mirrored and each ready queue started — at the used ring's index, for both the next
+    /// available entry and the next used one: requests the dead daemon took from the ring
+    /// but did not complete are taken again. That is exact for devices that complete each
+    /// queue's requests in the order they take them (the backends here do; it is the
+    /// assumption the core's in-flight recovery makes too); such a request may run twice
+    /// (harmless for block reads and writes of the same data).
+    ///
+    /// Answers nothing itself: messages the kernel re-queued follow on the channel.
+    pub fn adopt(&mut self, ctx: &mut LoopContext) -> io::Result<()> {
+        let features = self.io.driver_features()?;
+        let mut infos = Vec::with_capacity(self.queues.len());
+        for index in 0..self.queues.len() {
+            infos.push(self.io.vq_info(index as u32)?);
+        }
+        if features != 0 {
+            self.device.set_driver_features(features);
+            self.driver_features = features;
+            self.status = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
+        }
+        let ready: Vec<usize> = (0..infos.len()).filter(|&i| infos[i].ready != 0).collect();
+        if ready.is_empty() {
+            info!(
+                "{}: took over the device (driver features {features:#x}, no queue ready)",
+                self.name
+            );
+            return Ok(());
+        }
+        self.mirror.sync(0, u64::MAX)?;
+        for &index in &ready {
+            if let Err(e) = self.start_queue(index, &infos[index], ctx, true) {
+                self.stop_all(ctx);
+                return Err(e);
+            }
+        }
+        self.status |= STATUS_DRIVER_OK;
+        info!(
+            "{}: took over the running device (driver features {features:#x}, queues {ready:?} \
+             resumed at their used index)",
+            self.name
+        );
         Ok(())
     }
 
@@ -404,11 +463,14 @@ impl Session {
         Some(u16::from_le_bytes(idx))
     }
 
+    /// Start queue `index` as the kernel describes it; `resume`: at the used ring's index
+    /// (a takeover, see [`adopt`](Session::adopt)) instead of where the driver said.
     fn start_queue(
         &mut self,
         index: usize,
         info: &VduseVqInfo,
         ctx: &mut LoopContext,
+        resume: bool,
     ) -> io::Result<()> {
         let size = u16::try_from(info.num).map_err(|_| {
             io::Error::new(
@@ -416,8 +478,18 @@ impl Session {
                 format!("queue {index}: size {} too large", info.num),
             )
         })?;
-        let next_avail = info.split_avail_index();
-        let next_used = self.used_index(info.device_addr).unwrap_or(next_avail);
+        let (next_avail, next_used) = if resume {
+            let used = self.used_index(info.device_addr).ok_or_else(|| {
+                io::Error::other(format!(
+                    "queue {index}: the used ring at {:#x} is not mapped",
+                    info.device_addr
+                ))
+            })?;
+            (used, used)
+        } else {
+            let avail = info.split_avail_index();
+            (avail, self.used_index(info.device_addr).unwrap_or(avail))
+        };
         let device_kick = EventFd::new(EFD_NONBLOCK)?;
         let kick_for_kernel = device_kick.try_clone()?;
         let call = EventFd::new(EFD_NONBLOCK)?;

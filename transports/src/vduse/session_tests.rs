@@ -191,6 +191,20 @@ fn socketpair() -> (File, File) {
 
 impl Harness {
     fn start(device: Arc<FakeDevice>) -> Harness {
+        Self::start_with(device, false)
+    }
+
+    /// With `takeover`, the server takes the device over as left by a dead daemon.
+    fn start_with(device: Arc<FakeDevice>, takeover: bool) -> Harness {
+        Self::start_full(device, takeover, |_| {})
+    }
+
+    /// `prepare` may change the kernel's queue state before the server starts.
+    fn start_full(
+        device: Arc<FakeDevice>,
+        takeover: bool,
+        prepare: impl FnOnce(&mut Vec<VduseVqInfo>),
+    ) -> Harness {
         let iotlb = Arc::new(FakeIotlb::default());
         // The rings' coherent region, as virtio-vdpa allocates it above the bounce region.
         let ring_file = Arc::new(memfd(0x10000));
@@ -212,17 +226,24 @@ impl Harness {
             index: 1,
             ..Default::default()
         };
+        let mut vqs = vec![ready, not_ready];
+        prepare(&mut vqs);
         let kernel = Arc::new(FakeKernel {
             iotlb,
             features: (1 << 32) | (1 << 33) | (1 << 29),
-            vqs: Mutex::new(vec![ready, not_ready]),
+            vqs: Mutex::new(vqs),
             kick_fds: Mutex::new(vec![None, None]),
             kick_log: Mutex::new(Vec::new()),
             irqs: Mutex::new(Vec::new()),
         });
         let dma = Arc::new(DmaSpace::default());
         let (ours, peer) = socketpair();
-        let server = VduseServer::with_channel(
+        let make = if takeover {
+            VduseServer::takeover_channel
+        } else {
+            VduseServer::with_channel
+        };
+        let server = make(
             "test-vduse",
             device.clone(),
             dma.clone(),
@@ -464,4 +485,52 @@ fn stopping_the_server_resets_the_device_and_a_closed_channel_ends_it() {
     drop(peer);
     let err = h.thread.take().unwrap().join().unwrap().unwrap_err();
     assert!(err.to_string().contains("closed"), "{err}");
+}
+
+#[test]
+fn a_device_left_by_a_dead_daemon_is_taken_over_and_resumed_at_the_used_index() {
+    let mut h = Harness::start_with(FakeDevice::new(), true);
+    // Before any message: the negotiated features reach the device, the IOTLB is
+    // mirrored, and the ready queue starts at the used index (5) for both positions — not
+    // at the driver's start index (3): requests taken but not completed are taken again.
+    wait_for("the takeover", || {
+        !h.device.log.lock().unwrap().started.is_empty()
+    });
+    assert_eq!(
+        h.device.log.lock().unwrap().driver_features,
+        Some(h.kernel.features)
+    );
+    let started = h.device.log.lock().unwrap().started.clone();
+    assert_eq!(started, vec![(0, 256, DESC, AVAIL, USED, 5, 5)]);
+    assert!(h.dma.find(USED).is_some());
+    // The kernel got a fresh kick fd, and kicks reach the device.
+    assert!(h.kernel.kick_log.lock().unwrap()[0].1.is_some());
+    kernel_kick(&h, 0);
+    wait_for("a kick after the takeover", || device_was_kicked(&h, 0));
+    // A DRIVER_OK the dead daemon left unanswered (re-queued by the kernel) changes
+    // nothing: the queue runs already.
+    assert_eq!(h.status(0x0f), VDUSE_REQ_RESULT_OK);
+    assert_eq!(h.device.log.lock().unwrap().started.len(), 1);
+    // The device is served as usual from here: GET_VQ_STATE stops the queue, reset.
+    let r = h.request(VduseDevRequest::get_vq_state(0, 0));
+    assert_eq!(r.split_avail_index(), 7);
+    assert_eq!(h.status(0), VDUSE_REQ_RESULT_OK);
+    assert_eq!(h.device.log.lock().unwrap().resets, 1);
+    assert!(h.dma.is_empty());
+    h.stop().unwrap();
+}
+
+#[test]
+fn a_takeover_whose_used_ring_is_not_mapped_ends_the_server_with_an_error() {
+    let h = Harness::start_full(FakeDevice::new(), true, |vqs| {
+        vqs[0].device_addr = 0x9000_0000;
+    });
+    let mut h = h;
+    let err = h.thread.take().unwrap().join().unwrap().unwrap_err();
+    assert!(
+        err.to_string().contains("cannot take the device over"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("not mapped"), "{err}");
+    assert!(h.device.log.lock().unwrap().started.is_empty());
 }

@@ -576,6 +576,38 @@ impl<M: VdpaManager> Drop for Attachment<M> {
     }
 }
 
+/// Take charge of vDPA device `name`, which is on the bus already (a daemon that died
+/// added it, and this one took the VDUSE device over): check that `driver` has it, and
+/// remove it on [`detach`](Attachment::detach) like one this process added.
+pub fn adopt_attachment<M: VdpaManager>(
+    manager: M,
+    bus: &VdpaBus,
+    name: &str,
+    driver: VdpaDriver,
+) -> Result<Attachment<M>, VdpaError> {
+    let wanted = driver.name();
+    match bus.bound_driver(name) {
+        Some(d) if d == wanted => {
+            info!("vDPA device {name} (left by a daemon that died) is bound to {wanted}: kept");
+            Ok(Attachment {
+                manager,
+                name: name.to_string(),
+                attached: true,
+            })
+        }
+        bound => Err(VdpaError::WrongDriver {
+            name: name.to_string(),
+            wanted,
+            bound,
+        }),
+    }
+}
+
+/// Whether vDPA device `name` exists.
+pub fn device_exists(bus: &VdpaBus, name: &str) -> bool {
+    bus.device_dir(name).exists()
+}
+
 /// Add VDUSE device `name` to the vDPA bus and make sure `driver` binds it (see the module
 /// documentation for the steps and why).
 pub fn attach<M: VdpaManager>(
@@ -881,6 +913,46 @@ mod tests {
             "blk0"
         );
         assert_eq!(log.borrow().last().unwrap(), "del blk0");
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn an_attached_device_is_adopted_only_when_bound_to_the_wanted_driver() {
+        let (root, bus) = fake_bus(&["virtio_vdpa", "vhost_vdpa"]);
+        let log = Rc::new(RefCell::new(Vec::new()));
+        let mut k = FakeKernel {
+            root: root.clone(),
+            bind_to: Some("virtio_vdpa"),
+            log: log.clone(),
+        };
+        assert!(!device_exists(&bus, "blk0"));
+        k.dev_new("blk0").unwrap();
+        assert!(device_exists(&bus, "blk0"));
+        log.borrow_mut().clear();
+        let err = adopt_attachment(
+            FakeKernel {
+                root: root.clone(),
+                bind_to: None,
+                log: log.clone(),
+            },
+            &bus,
+            "blk0",
+            VdpaDriver::VhostVdpa,
+        )
+        .err()
+        .unwrap();
+        assert!(
+            matches!(&err, VdpaError::WrongDriver { bound: Some(b), .. } if b == "virtio_vdpa"),
+            "{err}"
+        );
+        assert!(
+            log.borrow().is_empty(),
+            "a refused adoption removes nothing"
+        );
+        let a = adopt_attachment(k, &bus, "blk0", VdpaDriver::VirtioVdpa).unwrap();
+        assert!(log.borrow().is_empty(), "adopting adds nothing");
+        a.detach().unwrap();
+        assert_eq!(*log.borrow(), vec!["del blk0".to_string()]);
         fs::remove_dir_all(root).unwrap();
     }
 
