@@ -7,24 +7,36 @@
 //! [[device]]
 //! name = "disk0"              # optional; defaults to "<type>-<index>"
 //! type = "virtio-blk"         # gpio | virtio-blk | virtio-rng
-//! transport = "vfio-user"     # vfio-user | vhost-user
+//! transport = "vfio-user"     # vfio-user | vhost-user | vduse
 //! socket = "/run/unidev/disk0.sock"
 //! socket_mode = "0600"        # optional
 //! file = "/var/lib/images/disk0.img"
 //! queues = 2
+//!
+//! [[device]]
+//! name = "vdisk1"             # the VDUSE device: /dev/vduse/vdisk1, vDPA device vdisk1
+//! type = "virtio-blk"
+//! transport = "vduse"         # no socket: the device lives in the kernel
+//! attach = "virtio-vdpa"      # optional: virtio-vdpa | vhost-vdpa (as `serve --attach`)
+//! file = "/var/lib/images/disk1.img"
 //! ```
 //!
 //! Device options are the `unidev serve` options of the same name (with `_` for `-`):
 //! gpio: `inputs`; virtio-blk: `file`, `readonly`, `queues`, `direct`, `block_size`,
 //! `poll_us`, `notify_mmap`; virtio-rng: `poll_us`, `notify_mmap`; every device:
-//! `max_dma_maps`.
+//! `max_dma_maps`. `socket` is required for vfio-user and vhost-user; a vduse device has
+//! none, takes `attach`, and its name must be a valid VDUSE device name (it defaults to
+//! "<type>-<index>" like the others). VDUSE carries virtio-blk only (Linux 6.12 accepts
+//! virtio-blk and virtio-net; unidev has no net backend).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::vduse::VduseSettings;
 use crate::{DeviceArgs, Transport, VirtioArgs};
+use unidev_transports::vduse::{VdpaDriver, DEFAULT_CONTROL_PATH};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -40,8 +52,9 @@ struct DeviceEntry {
     #[serde(rename = "type")]
     kind: String,
     transport: String,
-    socket: PathBuf,
+    socket: Option<PathBuf>,
     socket_mode: Option<String>,
+    attach: Option<String>,
     max_dma_maps: Option<usize>,
     inputs: Option<String>,
     file: Option<PathBuf>,
@@ -59,8 +72,10 @@ pub struct DeviceSpec {
     pub name: String,
     /// Transport.
     pub transport: Transport,
-    /// Listening socket.
-    pub socket: PathBuf,
+    /// Listening socket (vfio-user, vhost-user).
+    pub socket: Option<PathBuf>,
+    /// The kernel device (vduse).
+    pub vduse: Option<VduseSettings>,
     /// Socket permission bits.
     pub socket_mode: u32,
     /// Cap on DMA maps.
@@ -105,21 +120,68 @@ pub fn load(path: &Path) -> Result<Vec<DeviceSpec>, Vec<String>> {
         if let Some(first) = names.insert(name.clone(), location.clone()) {
             err(format!("the name is already used ({first})"));
         }
-        if let Some(first) = sockets.insert(d.socket.clone(), location.clone()) {
-            err(format!(
-                "socket {} is already used ({first})",
-                d.socket.display()
-            ));
+        if let Some(socket) = &d.socket {
+            if let Some(first) = sockets.insert(socket.clone(), location.clone()) {
+                err(format!(
+                    "socket {} is already used ({first})",
+                    socket.display()
+                ));
+            }
         }
         let transport = match d.transport.as_str() {
             "vfio-user" => Some(Transport::VfioUser),
             "vhost-user" => Some(Transport::VhostUser),
+            "vduse" => Some(Transport::Vduse),
             other => {
                 err(format!(
-                    "unknown transport {other:?} (vfio-user or vhost-user)"
+                    "unknown transport {other:?} (vfio-user, vhost-user or vduse)"
                 ));
                 None
             }
+        };
+        let is_vduse = transport == Some(Transport::Vduse);
+        match (&d.socket, is_vduse) {
+            (None, false) if transport.is_some() => {
+                err(format!("transport {} needs `socket`", d.transport))
+            }
+            (Some(_), true) => err(
+                "option `socket` does not apply to transport \"vduse\" (the device lives \
+                 in the kernel)"
+                    .into(),
+            ),
+            _ => {}
+        }
+        if is_vduse && d.socket_mode.is_some() {
+            err("option `socket_mode` does not apply to transport \"vduse\"".into());
+        }
+        if !is_vduse && d.attach.is_some() {
+            err("option `attach` applies to transport \"vduse\" only".into());
+        }
+        let vduse = if is_vduse {
+            if let Err(e) = unidev_transports::vduse::control::check_name(&name) {
+                err(e.to_string());
+            }
+            let attach = match d.attach.as_deref() {
+                None => Ok(None),
+                Some("virtio-vdpa") => Ok(Some(VdpaDriver::VirtioVdpa)),
+                Some("vhost-vdpa") => Ok(Some(VdpaDriver::VhostVdpa)),
+                Some(other) => Err(other),
+            };
+            match attach {
+                Ok(attach) => Some(VduseSettings {
+                    name: name.clone(),
+                    attach,
+                    control: PathBuf::from(DEFAULT_CONTROL_PATH),
+                }),
+                Err(other) => {
+                    err(format!(
+                        "attach {other:?}: must be \"virtio-vdpa\" or \"vhost-vdpa\""
+                    ));
+                    None
+                }
+            }
+        } else {
+            None
         };
         let socket_mode = match d.socket_mode.as_deref().map(crate::parse_mode) {
             None => 0o600,
@@ -148,7 +210,7 @@ pub fn load(path: &Path) -> Result<Vec<DeviceSpec>, Vec<String>> {
                 reject(d.block_size.is_some(), "block_size");
                 reject(d.poll_us.is_some(), "poll_us");
                 reject(d.notify_mmap.is_some(), "notify_mmap");
-                if transport == Some(Transport::VhostUser) {
+                if matches!(transport, Some(Transport::VhostUser | Transport::Vduse)) {
                     err("gpio is a full PCI device: it needs transport = \"vfio-user\"".into());
                 }
                 match d.inputs.as_deref().map(crate::parse_hex16) {
@@ -200,6 +262,13 @@ pub fn load(path: &Path) -> Result<Vec<DeviceSpec>, Vec<String>> {
                 reject(d.queues.is_some(), "queues");
                 reject(d.direct.is_some(), "direct");
                 reject(d.block_size.is_some(), "block_size");
+                if is_vduse {
+                    err(
+                        "virtio-rng cannot be served over VDUSE (Linux 6.12 accepts virtio-blk \
+                         and virtio-net only)"
+                            .into(),
+                    );
+                }
                 Some(DeviceArgs::VirtioRng { virtio })
             }
             other => {
@@ -209,16 +278,21 @@ pub fn load(path: &Path) -> Result<Vec<DeviceSpec>, Vec<String>> {
                 None
             }
         };
-        if virtio.notify_mmap && transport == Some(Transport::VhostUser) {
+        if virtio.notify_mmap && matches!(transport, Some(Transport::VhostUser | Transport::Vduse))
+        {
             errors.push(format!(
                 "{location}: notify_mmap applies to the vfio-user transport only"
             ));
+        }
+        if is_vduse && vduse.is_none() {
+            continue;
         }
         if let (Some(transport), Some(device)) = (transport, device) {
             specs.push(DeviceSpec {
                 name,
                 transport,
                 socket: d.socket.clone(),
+                vduse,
                 socket_mode,
                 max_dma_maps: d
                     .max_dma_maps
@@ -232,5 +306,102 @@ pub fn load(path: &Path) -> Result<Vec<DeviceSpec>, Vec<String>> {
         Ok(specs)
     } else {
         Err(errors)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_text(tag: &str, text: &str) -> Result<Vec<DeviceSpec>, Vec<String>> {
+        let dir = std::env::temp_dir().join(format!("unidev-config-{}-{tag}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("devices.toml");
+        std::fs::write(&path, text).unwrap();
+        let r = load(&path);
+        let _ = std::fs::remove_dir_all(&dir);
+        r
+    }
+
+    #[test]
+    fn a_vduse_device_has_a_name_and_an_attach_driver_and_no_socket() {
+        let image = std::env::temp_dir().join(format!("unidev-config-{}.img", std::process::id()));
+        std::fs::write(&image, [0u8; 512]).unwrap();
+        let text = format!(
+            "[[device]]\nname = \"vdisk0\"\ntype = \"virtio-blk\"\ntransport = \"vduse\"\n\
+             attach = \"vhost-vdpa\"\nfile = \"{img}\"\nqueues = 2\n\
+             [[device]]\ntype = \"virtio-blk\"\ntransport = \"vduse\"\nfile = \"{img}\"\n",
+            img = image.display()
+        );
+        let specs = load_text("ok", &text).unwrap_or_else(|e| panic!("{e:?}"));
+        let _ = std::fs::remove_file(&image);
+        assert_eq!(specs.len(), 2);
+        assert_eq!(specs[0].transport, Transport::Vduse);
+        assert!(specs[0].socket.is_none());
+        let v = specs[0].vduse.as_ref().unwrap();
+        assert_eq!(v.name, "vdisk0");
+        assert_eq!(v.attach, Some(VdpaDriver::VhostVdpa));
+        assert_eq!(v.control, PathBuf::from(DEFAULT_CONTROL_PATH));
+        assert!(matches!(
+            specs[0].device,
+            DeviceArgs::VirtioBlk { queues: 2, .. }
+        ));
+        // Unnamed: the default name, which is a valid VDUSE name; not attached.
+        let v = specs[1].vduse.as_ref().unwrap();
+        assert_eq!(v.name, "virtio-blk-1");
+        assert_eq!(v.attach, None);
+    }
+
+    #[test]
+    fn vduse_mistakes_are_all_reported_with_their_device_and_line() {
+        let text = "\
+[[device]]
+name = \"a\"
+type = \"virtio-blk\"
+transport = \"vduse\"
+socket = \"/tmp/a.sock\"
+socket_mode = \"0600\"
+attach = \"vhost-user\"
+file = \"/nonexistent.img\"
+
+[[device]]
+name = \"b\"
+type = \"virtio-rng\"
+transport = \"vduse\"
+
+[[device]]
+name = \"c\"
+type = \"virtio-blk\"
+transport = \"vfio-user\"
+attach = \"virtio-vdpa\"
+file = \"/nonexistent.img\"
+
+[[device]]
+name = \"bad name\"
+type = \"gpio\"
+transport = \"vduse\"
+
+[[device]]
+name = \"e\"
+type = \"virtio-rng\"
+transport = \"vhost-user\"
+";
+        let errors = match load_text("bad", text) {
+            Ok(_) => panic!("accepted"),
+            Err(e) => e,
+        };
+        let all = errors.join("\n");
+        for want in [
+            "devices.toml:1: device \"a\": option `socket` does not apply to transport \"vduse\"",
+            "devices.toml:1: device \"a\": option `socket_mode` does not apply",
+            "devices.toml:1: device \"a\": attach \"vhost-user\": must be",
+            "devices.toml:10: device \"b\": virtio-rng cannot be served over VDUSE",
+            "devices.toml:15: device \"c\": option `attach` applies to transport \"vduse\" only",
+            "devices.toml:22: device \"bad name\": invalid VDUSE device name",
+            "devices.toml:22: device \"bad name\": gpio is a full PCI device",
+            "devices.toml:27: device \"e\": transport vhost-user needs `socket`",
+        ] {
+            assert!(all.contains(want), "missing {want:?} in:\n{all}");
+        }
     }
 }

@@ -2,9 +2,11 @@
 //!
 //! `unidev serve --transport vfio-user --socket-path PATH [options] <DEVICE> [device
 //! options]` exports one device; `unidev serve --transport vduse --name NAME [--attach
-//! virtio-vdpa|vhost-vdpa] virtio-blk --file F` makes it a kernel VDUSE device; `unidev`
-//! alone starts the default demo (a virtio-blk on a scratch image, on
-//! `./unidev-blk.sock`) and prints the QEMU command line for it.
+//! virtio-vdpa|vhost-vdpa] virtio-blk --file F` makes it a kernel VDUSE device; `unidev run
+//! devices.toml` starts many devices (`config.rs`); `unidev vdpa-info /dev/vhost-vdpa-N`
+//! shows what a vhost-vdpa device reports (`vdpa_info.rs`); `unidev` alone starts the
+//! default demo (a virtio-blk on a scratch image, on `./unidev-blk.sock`) and prints the
+//! QEMU command line for it.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -16,6 +18,8 @@ use std::time::Duration;
 
 mod bench;
 mod config;
+mod vdpa_info;
+mod vduse;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use log::{error, info};
@@ -30,9 +34,7 @@ use unidev_core::virtio::{
     DispatchOptions, LocalVirtio, VirtioDevice, VirtioPci, VirtioPciOptions,
 };
 use unidev_transports::listener;
-use unidev_transports::vduse::{
-    attach, NetlinkVdpa, VdpaBus, VdpaDriver, VduseOptions, VduseServer, DEFAULT_CONTROL_PATH,
-};
+use unidev_transports::vduse::{VdpaDriver, DEFAULT_CONTROL_PATH};
 use unidev_transports::vfio_user::{DmaRwLayout, ServerConfig, VfioUserServer};
 use unidev_transports::vhost_user::VhostUserServer;
 
@@ -62,6 +64,13 @@ enum Command {
     /// Measure every transport side by side (floors, peers, control and data path,
     /// memory layer, scale) and write a Markdown/JSON/SVG report.
     Bench(bench::BenchArgs),
+    /// Show what a vhost-vdpa device reports (device id, features, queues, config space):
+    /// a diagnostic for devices attached with `serve --transport vduse --attach
+    /// vhost-vdpa`. Opening the device resets it.
+    VdpaInfo {
+        /// The device, e.g. /dev/vhost-vdpa-0.
+        device: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -530,10 +539,19 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     result
 }
 
-/// `serve --transport vduse`: create the VDUSE device, serve it on its own thread,
-/// optionally attach it to the vDPA bus; on SIGTERM/SIGINT detach it (while its requests
-/// are still served: the driver resets the device on removal), then stop serving, which
-/// destroys the device.
+impl AttachArg {
+    fn driver(self) -> VdpaDriver {
+        match self {
+            AttachArg::VirtioVdpa => VdpaDriver::VirtioVdpa,
+            AttachArg::VhostVdpa => VdpaDriver::VhostVdpa,
+        }
+    }
+}
+
+/// `serve --transport vduse`: create the VDUSE device (or take over the one a killed
+/// daemon left), serve it on its own thread, optionally attach it to the vDPA bus; on
+/// SIGTERM/SIGINT detach it (while its requests are still served: the driver resets the
+/// device on removal), then stop serving, which destroys the device (see `vduse.rs`).
 fn serve_vduse(args: ServeArgs) -> Result<(), String> {
     let name = args
         .name
@@ -546,65 +564,37 @@ fn serve_vduse(args: ServeArgs) -> Result<(), String> {
             device_name(&args.device)
         ));
     };
-    let mut options = VduseOptions::new(&name);
-    options.control_path = args.vduse_control.clone();
-    let server = VduseServer::create(&options, device, dma).map_err(|e| e.to_string())?;
-    let server_stop = server.stop_handle();
-
     // Ended by a signal, or by the server thread when it stops on its own.
     let mut shutdown =
         EventLoop::new().map_err(|e| format!("cannot create the shutdown waiter: {e}"))?;
     let wake = shutdown.stop_handle();
     install_signal_handlers(vec![wake.clone()])
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
-    let thread = std::thread::Builder::new()
-        .name(format!("vduse-{name}"))
-        .spawn(move || {
-            let result = server.run();
-            wake.stop();
-            result
-        })
-        .map_err(|e| format!("cannot start the VDUSE thread: {e}"))?;
-    let join = |thread: std::thread::JoinHandle<io::Result<()>>| match thread.join() {
-        Ok(r) => r.map_err(|e| format!("VDUSE device {name}: {e}")),
-        Err(_) => Err(format!("VDUSE device {name}: the server thread panicked")),
+    let settings = vduse::VduseSettings {
+        name: name.clone(),
+        attach: args.attach.map(AttachArg::driver),
+        control: args.vduse_control.clone(),
     };
-
-    let attachment = match args.attach {
-        None => {
-            info!(
-                "VDUSE device {name} ready; attach it with `vdpa dev add name {name} mgmtdev vduse`"
-            );
-            None
-        }
-        Some(which) => {
-            let driver = match which {
-                AttachArg::VirtioVdpa => VdpaDriver::VirtioVdpa,
-                AttachArg::VhostVdpa => VdpaDriver::VhostVdpa,
-            };
-            let attached =
-                NetlinkVdpa::open().and_then(|nl| attach(nl, &VdpaBus::default(), &name, driver));
-            match attached {
-                Ok(a) => Some(a),
-                Err(e) => {
-                    server_stop.stop();
-                    let _ = join(thread);
-                    return Err(format!("cannot attach VDUSE device {name}: {e}"));
-                }
-            }
-        }
-    };
+    let running = vduse::start(&settings, device, dma, move || wake.stop())?;
     info!("{name}: VDUSE device serving");
     if let Err(e) = shutdown.run() {
         error!("shutdown waiter failed: {e}");
     }
-    if let Some(a) = attachment {
-        if let Err(e) = a.detach() {
-            error!("{e}");
-        }
+    running.shutdown()
+}
+
+/// A callback for each of `n` devices; the last one to run stops `wake`.
+fn countdown(n: usize, wake: StopHandle) -> impl Fn() -> Box<dyn FnOnce() + Send> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let remaining = Arc::new(AtomicUsize::new(n));
+    move || {
+        let (remaining, wake) = (remaining.clone(), wake.clone());
+        Box::new(move || {
+            if remaining.fetch_sub(1, Ordering::SeqCst) == 1 {
+                wake.stop();
+            }
+        })
     }
-    server_stop.stop();
-    join(thread)
 }
 
 fn run(path: &std::path::Path) -> Result<(), String> {
@@ -624,7 +614,13 @@ fn run(path: &std::path::Path) -> Result<(), String> {
             .map_err(|e| format!("{}: {e}; nothing started", s.location))?;
         built.push((device, dma));
     }
+    // Ended by a signal, or once every device has stopped on its own.
+    let mut shutdown =
+        EventLoop::new().map_err(|e| format!("cannot create the shutdown waiter: {e}"))?;
+    let wake = shutdown.stop_handle();
+    let done = countdown(specs.len(), wake.clone());
     let mut servers = Vec::with_capacity(specs.len());
+    let mut kernel_devices = Vec::new();
     let mut bound: Vec<&std::path::Path> = Vec::new();
     let cleanup = |bound: &[&std::path::Path]| {
         for p in bound {
@@ -632,22 +628,53 @@ fn run(path: &std::path::Path) -> Result<(), String> {
         }
     };
     for (s, (device, dma)) in specs.iter().zip(built) {
-        let server = listener::bind(&s.socket, s.socket_mode)
+        let Some(socket) = &s.socket else {
+            kernel_devices.push((s, device, dma));
+            continue;
+        };
+        let server = listener::bind(socket, s.socket_mode)
             .map_err(|e| e.to_string())
             .and_then(|l| make_server(&s.name, device, dma, l, &ServerSettings::default()))
             .map_err(|e| {
                 cleanup(&bound);
                 format!("{}: {e}; nothing started", s.location)
             })?;
-        bound.push(&s.socket);
-        servers.push(server);
+        bound.push(socket);
+        servers.push((s, server));
     }
-    install_signal_handlers(servers.iter().map(Server::stop_handle).collect())
+    install_signal_handlers(vec![wake])
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    // VDUSE devices appear system-wide: create them once every socket is in place.
+    let mut running_vduse: Vec<vduse::RunningVduse> = Vec::new();
+    for (s, device, dma) in kernel_devices {
+        let started = match (device, &s.vduse) {
+            (Built::Virtio(device), Some(settings)) => vduse::start(settings, device, dma, done()),
+            _ => Err("VDUSE carries virtio devices only".to_string()),
+        };
+        match started {
+            Ok(r) => {
+                info!("{}: VDUSE device serving", s.name);
+                running_vduse.push(r);
+            }
+            Err(e) => {
+                for r in running_vduse.into_iter().rev() {
+                    if let Err(e) = r.shutdown() {
+                        error!("{e}");
+                    }
+                }
+                cleanup(&bound);
+                return Err(format!("{}: {e}; nothing started", s.location));
+            }
+        }
+    }
+    let stops: Vec<StopHandle> = servers.iter().map(|(_, sv)| sv.stop_handle()).collect();
     let mut threads = Vec::with_capacity(servers.len());
-    for (s, server) in specs.iter().zip(servers) {
-        info!("{}: serving on {}", s.name, s.socket.display());
+    for (s, server) in servers {
+        if let Some(socket) = &s.socket {
+            info!("{}: serving on {}", s.name, socket.display());
+        }
         let name = s.name.clone();
+        let done = done();
         threads.push(
             std::thread::Builder::new()
                 .name(format!("dev-{name}"))
@@ -655,9 +682,22 @@ fn run(path: &std::path::Path) -> Result<(), String> {
                     if let Err(e) = server.run() {
                         error!("{name}: server failed: {e}");
                     }
+                    done();
                 })
                 .map_err(|e| format!("cannot start a thread: {e}"))?,
         );
+    }
+    if let Err(e) = shutdown.run() {
+        error!("shutdown waiter failed: {e}");
+    }
+    // VDUSE devices first: removing one from the vDPA bus needs its server running.
+    for r in running_vduse {
+        if let Err(e) = r.shutdown() {
+            error!("{e}");
+        }
+    }
+    for stop in stops {
+        stop.stop();
     }
     for t in threads {
         let _ = t.join();
@@ -722,6 +762,7 @@ fn main() -> ExitCode {
         Some(Command::Serve(args)) => serve(args),
         Some(Command::Run { config }) => run(&config),
         Some(Command::Bench(args)) => bench::run(args),
+        Some(Command::VdpaInfo { device }) => vdpa_info::run(&device),
         None => demo(),
     };
     match result {
