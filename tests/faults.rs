@@ -1,0 +1,297 @@
+//! Faults against the daemon process: clients that die in the middle of I/O, over and
+//! over, on both transports (no fd leak, bounded memory, still serving); a SIGKILLed
+//! daemon after an acknowledged FLUSH (nothing flushed is lost); a backing file system
+//! that runs out of space (the request fails, the device goes on).
+
+mod common;
+
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::Duration;
+
+use common::{test_dir, wait_for, Daemon};
+use unidev_transports::vfio_user::virtio_driver::{
+    DriverMemory, DriverOptions, VirtioBlkRequest, VirtioPciDriver, Virtqueue,
+};
+use unidev_transports::vfio_user::VfioUserClient;
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vm_memory::GuestMemoryBackend;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+const CYCLES: usize = 1000;
+const WARMUP: usize = 50;
+const S_OK: u8 = 0;
+const S_IOERR: u8 = 1;
+
+fn serve_blk(dir: &Path, name: &str, transport: &str, image: &Path) -> Daemon {
+    let sock = dir.join(format!("{name}.sock"));
+    Daemon::serve(
+        dir,
+        name,
+        &sock,
+        &[
+            "serve",
+            "--transport",
+            transport,
+            "--socket-path",
+            sock.to_str().unwrap(),
+            "virtio-blk",
+            "--file",
+            image.to_str().unwrap(),
+        ],
+    )
+}
+
+/// Open fds and resident KiB of a process.
+fn fds_and_rss(pid: u32) -> (usize, u64) {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    (fds, rss)
+}
+
+fn vfio_driver(sock: &Path) -> VirtioPciDriver {
+    let client = VfioUserClient::connect(sock).unwrap();
+    let mut d = VirtioPciDriver::new(
+        client,
+        DriverOptions {
+            num_queues: Some(1),
+            queue_size: 64,
+            memory_size: 1 << 20,
+            ..DriverOptions::default()
+        },
+    )
+    .unwrap();
+    d.init().unwrap();
+    d
+}
+
+/// One vfio-user client life: set the device up, put writes in flight, die.
+fn vfio_user_cycle(sock: &Path, n: usize) {
+    let mut d = vfio_driver(sock);
+    for i in 0..4u64 {
+        let req = VirtioBlkRequest::write(i * 8, &[n as u8; 4096]);
+        let buf = d.memory().alloc(req.buffer_len(), 64).unwrap();
+        let placed = req.place(d.memory(), buf.iova).unwrap();
+        d.queue(0).unwrap().add_chain(&placed.chain).unwrap();
+    }
+    d.kick(0).unwrap();
+    // Dropped with requests in flight: the connection closes under them.
+}
+
+/// A vhost-user frontend life: memory table, one ring, writes in flight, gone.
+fn vhost_user_cycle(sock: &Path, n: usize) {
+    let mut fe = Frontend::connect(sock, 1).unwrap();
+    fe.set_owner().unwrap();
+    let offered = fe.get_features().unwrap();
+    fe.set_features(offered & ((1 << 32) | (1 << 30))).unwrap();
+    let pf = fe.get_protocol_features().unwrap();
+    fe.set_protocol_features(pf & VhostUserProtocolFeatures::MQ)
+        .unwrap();
+    let mem = DriverMemory::new(1 << 20, 0x1_0000_0000).unwrap();
+    let region = mem.guest_memory().iter().next().unwrap();
+    let mut info = VhostUserMemoryRegionInfo::from_guest_region(region).unwrap();
+    info.mmap_handle = mem.file().as_raw_fd();
+    fe.set_mem_table(&[info]).unwrap();
+    let host = |iova: u64| info.userspace_addr + (iova - mem.iova_base());
+    let mut vq = Virtqueue::new(&mem, 0, 64, false).unwrap();
+    fe.set_vring_num(0, 64).unwrap();
+    fe.set_vring_base(0, 0).unwrap();
+    fe.set_vring_addr(
+        0,
+        &VringConfigData {
+            queue_max_size: 64,
+            queue_size: 64,
+            flags: 0,
+            desc_table_addr: host(vq.desc_iova()),
+            used_ring_addr: host(vq.used_iova()),
+            avail_ring_addr: host(vq.avail_iova()),
+            log_addr: None,
+        },
+    )
+    .unwrap();
+    let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+    let call = EventFd::new(EFD_NONBLOCK).unwrap();
+    fe.set_vring_call(0, &call).unwrap();
+    fe.set_vring_kick(0, &kick).unwrap();
+    fe.set_vring_enable(0, true).unwrap();
+    for i in 0..4u64 {
+        let req = VirtioBlkRequest::write(i * 8, &[n as u8; 4096]);
+        let buf = mem.alloc(req.buffer_len(), 64).unwrap();
+        let placed = req.place(&mem, buf.iova).unwrap();
+        vq.add_chain(&placed.chain).unwrap();
+    }
+    kick.write(1).unwrap();
+}
+
+/// Run `cycle` CYCLES times against a daemon; its fds and memory must not grow.
+fn cycles_leak_nothing(transport: &str, cycle: fn(&Path, usize)) {
+    let dir = test_dir(&format!("faults-cycles-{transport}"));
+    let image = dir.join("disk.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let daemon = serve_blk(&dir, "unidev", transport, &image);
+    let sock = dir.join("unidev.sock");
+    let pid = daemon.child.id();
+    for n in 0..WARMUP {
+        cycle(&sock, n);
+    }
+    // The last session ends asynchronously; settle before the baseline.
+    std::thread::sleep(Duration::from_millis(300));
+    let (fds0, rss0) = fds_and_rss(pid);
+    for n in WARMUP..CYCLES {
+        cycle(&sock, n);
+    }
+    let mut last = (0, 0);
+    wait_for(10, "the daemon's fds to settle", || {
+        last = fds_and_rss(pid);
+        last.0 <= fds0
+    });
+    let (fds1, rss1) = last;
+    assert_eq!(fds1, fds0, "fds after {CYCLES} killed clients");
+    assert!(
+        rss1 < rss0 + 1024,
+        "resident memory grew from {rss0} KiB to {rss1} KiB over {CYCLES} clients"
+    );
+    // Still serving, with the data of a complete request intact.
+    match transport {
+        "vfio-user" => {
+            let mut d = vfio_driver(&sock);
+            let c = d
+                .blk_request(0, &VirtioBlkRequest::write(100, &[0xab; 512]), TIMEOUT)
+                .unwrap();
+            assert_eq!(c.status, S_OK);
+            let c = d
+                .blk_request(0, &VirtioBlkRequest::read(100, 512), TIMEOUT)
+                .unwrap();
+            assert_eq!((c.status, c.data), (S_OK, vec![0xab; 512]));
+        }
+        _ => {
+            let fe = Frontend::connect(&sock, 1).unwrap();
+            fe.set_owner().unwrap();
+            assert_ne!(fe.get_features().unwrap() & (1 << 32), 0);
+        }
+    }
+    let log = daemon.log_text();
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+#[test]
+fn vfio_user_clients_killed_mid_io_leak_nothing() {
+    cycles_leak_nothing("vfio-user", vfio_user_cycle);
+}
+
+#[test]
+fn vhost_user_frontends_killed_mid_io_leak_nothing() {
+    cycles_leak_nothing("vhost-user", vhost_user_cycle);
+}
+
+#[test]
+fn flushed_writes_survive_a_sigkill_of_the_daemon() {
+    let dir = test_dir("faults-flush");
+    let image = dir.join("disk.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let mut daemon = serve_blk(&dir, "unidev", "vfio-user", &image);
+    let sock = dir.join("unidev.sock");
+    let mut d = vfio_driver(&sock);
+    let pattern = |i: u64| -> Vec<u8> { (0..4096).map(|b| (b as u64 * 7 + i) as u8).collect() };
+    for i in 0..16u64 {
+        let c = d
+            .blk_request(0, &VirtioBlkRequest::write(i * 8, &pattern(i)), TIMEOUT)
+            .unwrap();
+        assert_eq!(c.status, S_OK);
+    }
+    let c = d
+        .blk_request(0, &VirtioBlkRequest::flush(), TIMEOUT)
+        .unwrap();
+    assert_eq!(c.status, S_OK, "FLUSH acknowledged");
+    daemon.signal(libc::SIGKILL);
+    daemon.wait(10);
+    drop(d);
+    // A new daemon on the same image serves the flushed data, and the file holds it.
+    let _daemon = serve_blk(&dir, "unidev2", "vfio-user", &image);
+    let mut d = vfio_driver(&dir.join("unidev2.sock"));
+    let file = std::fs::File::open(&image).unwrap();
+    for i in 0..16u64 {
+        let c = d
+            .blk_request(0, &VirtioBlkRequest::read(i * 8, 4096), TIMEOUT)
+            .unwrap();
+        assert_eq!((c.status, &c.data), (S_OK, &pattern(i)), "block {i}");
+        let mut on_disk = vec![0u8; 4096];
+        file.read_exact_at(&mut on_disk, i * 4096).unwrap();
+        assert_eq!(on_disk, pattern(i), "block {i} in the file");
+    }
+}
+
+/// A tmpfs of 256 KiB under a 4 MiB sparse image: writes beyond the space fail with
+/// ENOSPC, which the guest sees as VIRTIO_BLK_S_IOERR; the device goes on serving.
+#[test]
+fn a_full_file_system_fails_the_write_and_the_device_goes_on() {
+    let dir = test_dir("faults-enospc");
+    let mnt = dir.join("small");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k", "unidev-enospc"])
+        .arg(&mnt)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !mounted {
+        eprintln!("SKIP: cannot mount a tmpfs here (needs root)");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(mnt.clone());
+    let image = mnt.join("disk.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    let _daemon = serve_blk(&dir, "unidev", "vfio-user", &image);
+    let mut d = vfio_driver(&dir.join("unidev.sock"));
+    let mut statuses = Vec::new();
+    for i in 0..128u64 {
+        let c = d
+            .blk_request(0, &VirtioBlkRequest::write(i * 8, &[0x77; 4096]), TIMEOUT)
+            .unwrap();
+        statuses.push(c.status);
+    }
+    let ok = statuses.iter().filter(|s| **s == S_OK).count();
+    assert!(ok > 0, "some writes fit");
+    assert!(
+        statuses[ok..].iter().all(|s| *s == S_IOERR),
+        "once full, every write fails with IOERR: {statuses:?}"
+    );
+    // The device goes on: what was written reads back, reads of the rest give zeros.
+    let c = d
+        .blk_request(0, &VirtioBlkRequest::read(0, 4096), TIMEOUT)
+        .unwrap();
+    assert_eq!((c.status, c.data), (S_OK, vec![0x77; 4096]));
+    let c = d
+        .blk_request(0, &VirtioBlkRequest::read(127 * 8, 4096), TIMEOUT)
+        .unwrap();
+    assert_eq!((c.status, c.data), (S_OK, vec![0; 4096]));
+    // Rewriting a block that has its space still works.
+    let c = d
+        .blk_request(0, &VirtioBlkRequest::write(0, &[0x78; 4096]), TIMEOUT)
+        .unwrap();
+    assert_eq!(c.status, S_OK, "rewriting an allocated block still works");
+}
