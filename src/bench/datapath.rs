@@ -185,6 +185,21 @@ struct PciRing {
     irq: RawFd,
 }
 
+impl Drop for PciRing {
+    fn drop(&mut self) {
+        // Leave as a driver should: reset the device (its queues stop) and withdraw the
+        // memory, before the connection closes.
+        if let Err(e) = self.driver.reset() {
+            log::warn!("bench driver: reset on the way out: {e}");
+        }
+        let mem = self.driver.memory();
+        let (base, size) = (mem.iova_base(), mem.size());
+        if let Err(e) = self.driver.client_mut().dma_unmap(base, size) {
+            log::warn!("bench driver: unmap on the way out: {e}");
+        }
+    }
+}
+
 impl Ring for PciRing {
     fn memory(&self) -> &DriverMemory {
         self.driver.memory()

@@ -39,6 +39,10 @@ pub struct BenchArgs {
     /// Run only these sections (repeatable; default: all).
     #[arg(long = "section", value_enum)]
     pub sections: Vec<Section>,
+    /// Run only the cases whose row keys contain this text (for profiling one row; the
+    /// floors and peers it is compared with are then missing from the report).
+    #[arg(long)]
+    pub only: Option<String>,
 }
 
 /// A part of the suite.
@@ -160,12 +164,25 @@ impl Row {
     }
 
     /// How much more this row costs than `other` (>1: worse): the latency or value
-    /// ratio, or the inverse rate ratio.
+    /// ratio, or the inverse rate ratio. With the same number of repetitions (the rows
+    /// ran round-robin, repetition i of both close together in time) it is the median of
+    /// the per-repetition ratios, which a machine whose speed drifts between repetitions
+    /// disturbs least; otherwise the ratio of the medians.
     pub fn cost_ratio(&self, other: &Row) -> Option<f64> {
-        let (a, b) = (self.value()?, other.value()?);
-        let r = match self.kind {
+        let cost = |a: f64, b: f64| match self.kind {
             Kind::Rate => b / a,
             _ => a / b,
+        };
+        let r = if !self.reps.is_empty() && self.reps.len() == other.reps.len() {
+            let per_rep: Vec<f64> = self
+                .reps
+                .iter()
+                .zip(&other.reps)
+                .map(|(a, b)| cost(a.value, b.value))
+                .collect();
+            stats::median(&per_rep)
+        } else {
+            cost(self.value()?, other.value()?)
         };
         r.is_finite().then_some(r)
     }
@@ -244,6 +261,8 @@ pub struct Settings {
     pub placement: Placement,
     /// Scratch space (sockets, images): on tmpfs when /dev/shm exists.
     pub work_dir: PathBuf,
+    /// `--only`.
+    pub only: Option<String>,
 }
 
 impl Settings {
@@ -268,6 +287,9 @@ pub struct Bench {
 impl Bench {
     /// Run `cases` `settings.reps` times, round-robin, and record their rows.
     pub fn run_cases(&mut self, section: Section, mut cases: Vec<Case<'_>>) {
+        if let Some(only) = &self.settings.only {
+            cases.retain(|c| c.specs.iter().any(|s| s.key.contains(only.as_str())));
+        }
         let mut first_row = Vec::with_capacity(cases.len());
         for c in &cases {
             first_row.push(self.rows.len());
@@ -672,6 +694,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
             reps: if args.quick { 1 } else { 5 },
             placement,
             work_dir: work_dir.clone(),
+            only: args.only.clone(),
         },
         rows: Vec::new(),
     };

@@ -366,7 +366,8 @@ pub fn markdown(rows: &[Row], run: &RunInfo) -> String {
         "- Median: median over repetitions of each repetition's median (latency) or rate; \
          p99: median of the repetitions' 99th percentiles; spread: ±half the range of the \
          repetitions' medians, relative. × floor / × peer: cost ratio (latency ratio, or \
-         inverse IOPS ratio; > 1 is slower than the floor or the peer).\n"
+         inverse IOPS ratio; > 1 is slower than the floor or the peer), the median of the \
+         per-repetition ratios.\n"
     );
     for &section in &run.sections {
         if !rows.iter().any(|r| r.section == section) {
