@@ -5,11 +5,16 @@
 //! renames it onto the requested path. An existing *socket* at the path is replaced (a
 //! daemon restarting after a crash); any other kind of file is refused, never clobbered.
 //! `from_fd` adopts an already-listening socket (socket activation).
+//!
+//! Access: the socket's mode (0600 by default in the daemon) and group decide who can
+//! connect at all; a [`PeerPolicy`] additionally checks each accepted connection's
+//! SO_PEERCRED uid against an allow-list, so that a server refuses (and logs) any other
+//! local user even where file permissions are wider.
 
 use std::io;
-use std::os::fd::{FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
 /// Why a listening socket could not be set up.
@@ -46,6 +51,12 @@ fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> L
 
 /// Bind a listening socket at `path` with permission bits `mode` (e.g. 0o600).
 pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, ListenError> {
+    bind_with(path, mode, None)
+}
+
+/// [`bind`], and give the socket to group `group` (so that a client running as another
+/// user in that group may connect with mode 0660).
+pub fn bind_with(path: &Path, mode: u32, group: Option<u32>) -> Result<UnixListener, ListenError> {
     match std::fs::symlink_metadata(path) {
         Ok(meta) if !meta.file_type().is_socket() => {
             return Err(ListenError::NotASocket(path.to_path_buf()))
@@ -78,6 +89,11 @@ pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, ListenError> {
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
         .map_err(io_err("cannot set mode of", &tmp))
         .map_err(cleanup)?;
+    if let Some(gid) = group {
+        std::os::unix::fs::chown(&tmp, None, Some(gid))
+            .map_err(io_err("cannot set the group of", &tmp))
+            .map_err(cleanup)?;
+    }
     // Re-check right before replacing: never clobber a non-socket.
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
@@ -89,6 +105,55 @@ pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, ListenError> {
         .map_err(io_err("cannot move socket to", path))
         .map_err(cleanup)?;
     Ok(listener)
+}
+
+/// The credentials (pid, uid, gid) of a connected peer, from SO_PEERCRED.
+pub fn peer_credentials(stream: &UnixStream) -> io::Result<libc::ucred> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, a valid ucred.
+    let r = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r == 0 {
+        Ok(cred)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Which local users may connect, checked on every accepted connection.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerPolicy {
+    /// Only these uids are served (None: anyone the socket's permissions let in).
+    pub allowed_uids: Option<Vec<u32>>,
+}
+
+impl PeerPolicy {
+    /// Whether the peer of `stream` may be served; the error says who was refused.
+    pub fn admit(&self, stream: &UnixStream) -> Result<(), String> {
+        let Some(allowed) = &self.allowed_uids else {
+            return Ok(());
+        };
+        match peer_credentials(stream) {
+            Ok(c) if allowed.contains(&c.uid) => Ok(()),
+            Ok(c) => Err(format!(
+                "peer pid {} uid {} is not in the allowed uids {allowed:?}",
+                c.pid, c.uid
+            )),
+            Err(e) => Err(format!("cannot tell who the peer is ({e})")),
+        }
+    }
 }
 
 /// Adopt an inherited, already-listening socket (systemd-style activation).
@@ -157,6 +222,35 @@ mod tests {
         std::os::unix::net::UnixStream::connect(&p).unwrap();
         // No temporary names left behind.
         assert_eq!(std::fs::read_dir(&d).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn group_is_set_and_peers_are_checked_by_uid() {
+        let dir = tmpdir();
+        let path = dir.join("grp.sock");
+        let gid = 12345;
+        let l = bind_with(&path, 0o660, Some(gid)).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!((meta.gid(), meta.mode() & 0o777), (gid, 0o660));
+        let me = unsafe_getuid();
+        let _c = UnixStream::connect(&path).unwrap();
+        let (s, _) = l.accept().unwrap();
+        assert!(PeerPolicy::default().admit(&s).is_ok());
+        let mine = PeerPolicy {
+            allowed_uids: Some(vec![me]),
+        };
+        assert!(mine.admit(&s).is_ok());
+        let other = PeerPolicy {
+            allowed_uids: Some(vec![me.wrapping_add(1)]),
+        };
+        let why = other.admit(&s).unwrap_err();
+        assert!(why.contains(&format!("uid {me}")), "{why}");
+    }
+
+    fn unsafe_getuid() -> u32 {
+        // SAFETY: getuid has no preconditions and cannot fail.
+        unsafe { libc::getuid() }
     }
 
     #[test]

@@ -818,3 +818,30 @@ fn a_failed_request_that_needs_a_reply_ends_the_connection_instead_of_hanging() 
     let mut fe = rig.frontend();
     assert_eq!(fe.get_queue_num().unwrap(), 2);
 }
+
+#[test]
+fn peers_outside_the_allowed_uids_are_refused() {
+    let dir = std::env::temp_dir().join(format!("unidev-vhost-user-{}-peers", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // SAFETY: getuid has no preconditions.
+    let me = unsafe { libc::getuid() };
+    for (allowed, served) in [(me.wrapping_add(1), false), (me, true)] {
+        let sock = dir.join(format!("vu-{served}.sock"));
+        let dma = Arc::new(DmaSpace::default());
+        let local =
+            LocalVirtio::new(ECHO_TYPE, Echo::new(), &dma, DispatchOptions::default()).unwrap();
+        let server =
+            VhostUserServer::new("peers", listener::bind(&sock, 0o600).unwrap(), local, dma)
+                .unwrap()
+                .with_peer_policy(listener::PeerPolicy {
+                    allowed_uids: Some(vec![allowed]),
+                });
+        let stop = server.stop_handle();
+        let t = std::thread::spawn(move || server.run().unwrap());
+        let fe = Frontend::connect(&sock, 8).unwrap();
+        assert_eq!(fe.get_features().is_ok(), served, "uid {allowed} allowed");
+        stop.stop();
+        t.join().unwrap();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

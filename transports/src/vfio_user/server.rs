@@ -20,6 +20,7 @@ use unidev_core::pci::SharedPciDevice;
 
 use super::session::{ServerConfig, Session, SessionState};
 use super::socket::{Limits, MessageSocket};
+use crate::listener::PeerPolicy;
 
 /// A vfio-user server exporting one PCI device.
 pub struct VfioUserServer {
@@ -27,6 +28,7 @@ pub struct VfioUserServer {
     listener: Arc<UnixListener>,
     device: SharedPciDevice,
     config: ServerConfig,
+    peers: PeerPolicy,
     event_loop: EventLoop,
 }
 
@@ -52,8 +54,15 @@ impl VfioUserServer {
             listener: Arc::new(listener),
             device,
             config,
+            peers: PeerPolicy::default(),
             event_loop: EventLoop::new()?,
         })
+    }
+
+    /// Serve only the local users `peers` admits (refused connections are logged).
+    pub fn with_peer_policy(mut self, peers: PeerPolicy) -> Self {
+        self.peers = peers;
+        self
     }
 
     /// A handle that ends [`run`](VfioUserServer::run) from any thread.
@@ -65,11 +74,12 @@ impl VfioUserServer {
     pub fn run(mut self) -> io::Result<()> {
         let attached: Arc<Mutex<Option<Arc<Attached>>>> = Arc::new(Mutex::new(None));
         let busy = Arc::new(AtomicBool::new(false));
-        let (listener, device, config, name) = (
+        let (listener, device, config, name, peers) = (
             self.listener.clone(),
             self.device.clone(),
             self.config.clone(),
             self.name.clone(),
+            self.peers.clone(),
         );
         let att = attached.clone();
         self.event_loop.add(
@@ -84,6 +94,10 @@ impl VfioUserServer {
                         return Control::Continue;
                     }
                 };
+                if let Err(why) = peers.admit(&stream) {
+                    warn!("{name}: refusing a connection: {why}");
+                    return Control::Continue;
+                }
                 if busy.load(Ordering::SeqCst) {
                     // The attached client may have just closed; its hang-up can be
                     // waiting behind this accept in the same epoll batch.
@@ -237,25 +251,8 @@ fn sync_unmask_watches(a: &Attached, ctx: &mut LoopContext) {
 
 /// "pid 1234 uid 1000" from SO_PEERCRED, for log lines.
 pub fn peer_description(stream: &std::os::unix::net::UnixStream) -> String {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `cred`, a valid ucred.
-    let r = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    if r == 0 {
-        format!("pid {} uid {}", cred.pid, cred.uid)
-    } else {
-        "unknown peer".to_string()
+    match crate::listener::peer_credentials(stream) {
+        Ok(c) => format!("pid {} uid {}", c.pid, c.uid),
+        Err(_) => "unknown peer".to_string(),
     }
 }

@@ -20,6 +20,7 @@ use vhost::vhost_user::{BackendReqHandler, Error as VhostError};
 
 use super::session::Session;
 use super::status::{self, Intercepted};
+use crate::listener::PeerPolicy;
 
 /// How long one request may take to arrive in full once its first byte did.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -37,6 +38,7 @@ struct Shared {
     dma: Arc<DmaSpace>,
     /// The attached frontend's session.
     current: Mutex<Option<Arc<Mutex<Session>>>>,
+    peers: PeerPolicy,
 }
 
 impl Shared {
@@ -77,9 +79,18 @@ impl VhostUserServer {
                 device,
                 dma,
                 current: Mutex::new(None),
+                peers: PeerPolicy::default(),
             }),
             event_loop: EventLoop::new()?,
         })
+    }
+
+    /// Serve only the local users `peers` admits (refused connections are logged).
+    pub fn with_peer_policy(mut self, peers: PeerPolicy) -> Self {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.peers = peers;
+        }
+        self
     }
 
     /// A handle that ends [`run`](VhostUserServer::run) from any thread.
@@ -130,6 +141,10 @@ fn listener_handler(
                 return Control::Continue;
             }
         };
+        if let Err(why) = shared.peers.admit(&stream) {
+            warn!("{}: refusing a connection: {why}", shared.name);
+            return Control::Continue;
+        }
         let setup = stream
             .set_nonblocking(false)
             .and_then(|_| stream.set_read_timeout(Some(IO_TIMEOUT)))
