@@ -127,6 +127,10 @@ impl Msix {
             return;
         };
         let end = start.saturating_add(data.len()).min(self.table.len());
+        if end <= start {
+            // A zero-length write (found by fuzzing: `end - 1` below underflowed).
+            return;
+        }
         let first = start / ENTRY_SIZE as usize;
         let last = (end - 1) / ENTRY_SIZE as usize;
         let was_masked: Vec<bool> = (first..=last).map(|e| self.entry_masked(e)).collect();
@@ -355,6 +359,19 @@ mod tests {
         m.read_table(u64::MAX - 1, &mut tail);
         assert_eq!(tail, [0; 8]);
         assert_eq!(m.entry(4), None);
+    }
+
+    #[test]
+    fn empty_accesses_change_nothing() {
+        // Found by fuzzing: a zero-length table write underflowed.
+        let (mut m, _) = setup(2);
+        program(&mut m, 0, true);
+        let before = m.table.clone();
+        m.write_table(0, &[]);
+        m.write_table(16, &[]);
+        m.write_table(1 << 40, &[]);
+        m.read_table(0, &mut []);
+        assert_eq!(m.table, before);
     }
 
     #[test]
