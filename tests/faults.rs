@@ -295,3 +295,96 @@ fn a_full_file_system_fails_the_write_and_the_device_goes_on() {
         .unwrap();
     assert_eq!(c.status, S_OK, "rewriting an allocated block still works");
 }
+
+fn vfio_user_message(id: u16, command: u16, payload: &[u8]) -> Vec<u8> {
+    let mut m = Vec::new();
+    m.extend_from_slice(&id.to_le_bytes());
+    m.extend_from_slice(&command.to_le_bytes());
+    m.extend_from_slice(&((16 + payload.len()) as u32).to_le_bytes());
+    m.extend_from_slice(&0u32.to_le_bytes());
+    m.extend_from_slice(&0u32.to_le_bytes());
+    m.extend_from_slice(payload);
+    m
+}
+
+/// One daemon, three devices: a client of the first floods requests and never reads a
+/// reply, a client of the second sends half a message and stalls; the third device's
+/// requests complete meanwhile, each well within the time the stalled sessions are
+/// allowed to block (their own device only).
+#[test]
+fn stalled_clients_do_not_stall_other_devices() {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    let dir = test_dir("faults-stall");
+    let image = dir.join("disk.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let sock = |n: &str| dir.join(format!("{n}.sock"));
+    let toml = format!(
+        "[[device]]\nname = \"gpio\"\ntype = \"gpio\"\ntransport = \"vfio-user\"\nsocket = \"{}\"\n\n\
+         [[device]]\nname = \"vblk\"\ntype = \"virtio-blk\"\ntransport = \"vhost-user\"\nsocket = \"{}\"\nfile = \"{}\"\n\n\
+         [[device]]\nname = \"blk\"\ntype = \"virtio-blk\"\ntransport = \"vfio-user\"\nsocket = \"{}\"\nfile = \"{}\"\n",
+        sock("gpio").display(),
+        sock("vblk").display(),
+        image.display(),
+        sock("blk").display(),
+        image.display()
+    );
+    let config = dir.join("devices.toml");
+    std::fs::write(&config, toml).unwrap();
+    let _daemon = Daemon::start(&dir, "unidev", &["run", config.to_str().unwrap()]);
+    wait_for(20, "the sockets", || {
+        ["gpio", "vblk", "blk"].iter().all(|n| sock(n).exists())
+    });
+
+    // Flood: VERSION, then thousands of config-space reads whose replies are never read.
+    let flood = UnixStream::connect(sock("gpio")).unwrap();
+    let mut version = Vec::new();
+    version.extend_from_slice(&0u16.to_le_bytes());
+    version.extend_from_slice(&2u16.to_le_bytes());
+    version.extend_from_slice(b"{\"capabilities\":{}}\0");
+    let mut writer = flood.try_clone().unwrap();
+    writer
+        .set_write_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let flooder = std::thread::spawn(move || {
+        let _ = writer.write_all(&vfio_user_message(0, 1, &version));
+        let mut read = Vec::new();
+        read.extend_from_slice(&0u64.to_le_bytes()); // offset
+        read.extend_from_slice(&7u32.to_le_bytes()); // config space
+        read.extend_from_slice(&256u32.to_le_bytes());
+        for id in 1..20_000u16 {
+            if writer.write_all(&vfio_user_message(id, 9, &read)).is_err() {
+                break;
+            }
+        }
+    });
+    // Half a vhost-user header, then nothing.
+    let mut half = UnixStream::connect(sock("vblk")).unwrap();
+    half.write_all(&[1, 0, 0, 0, 1, 0]).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+
+    let mut d = vfio_driver(&sock("blk"));
+    for i in 0..20u64 {
+        let c = d
+            .blk_request(
+                0,
+                &VirtioBlkRequest::write(i * 8, &[i as u8; 4096]),
+                Duration::from_secs(3),
+            )
+            .expect("a request of another device completes while two sessions stall");
+        assert_eq!(c.status, S_OK);
+    }
+    drop(d);
+    drop(half);
+    drop(flood);
+    let _ = flooder.join();
+    // The stalled devices serve new clients afterwards.
+    wait_for(30, "the flooded device to serve again", || {
+        VfioUserClient::connect(&sock("gpio"))
+            .and_then(|mut c| c.device_info())
+            .is_ok()
+    });
+    let fe = Frontend::connect(sock("vblk"), 1).unwrap();
+    fe.set_owner().unwrap();
+    assert_ne!(fe.get_features().unwrap() & (1 << 32), 0);
+}
