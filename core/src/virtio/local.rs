@@ -18,6 +18,9 @@
 //! waits for the worker's current `handle_event` to return, so a stopped queue's
 //! position (GET_VRING_BASE) never moves afterwards.
 //!
+//! A worker's thread starts with the first of its queues, so a device no driver has set
+//! up costs no thread (many idle devices in one daemon).
+//!
 //! Adaptive polling (a per-device option): after handling a kick, a worker keeps
 //! checking the queue's available index for a bounded time before going back to sleep,
 //! trading CPU for wake-up latency (cross-core eventfd wake-ups are costly).
@@ -56,12 +59,36 @@ pub struct DispatchOptions {
     pub busy: bool,
 }
 
+/// Starts a worker's thread.
+type SpawnWorker = Box<dyn FnOnce() -> io::Result<JoinHandle<()>> + Send>;
+
 struct Worker {
     epoll: Arc<OwnedFd>,
     stop: EventFd,
     /// Held by the worker while it runs the backend; taking it waits for that to end.
     busy: Arc<Mutex<()>>,
-    thread: Option<JoinHandle<()>>,
+    /// The thread starts with the first of its queues: until then it is this closure,
+    /// so an idle device costs no thread (its epoll set, stop and exit events exist and
+    /// collect events from the start).
+    thread: Mutex<WorkerThread>,
+}
+
+enum WorkerThread {
+    NotStarted(SpawnWorker),
+    Running(JoinHandle<()>),
+    Gone,
+}
+
+impl Worker {
+    /// Start the thread if it has not started yet.
+    fn ensure_started(&self) -> io::Result<()> {
+        let mut t = lock(&self.thread);
+        match std::mem::replace(&mut *t, WorkerThread::Gone) {
+            WorkerThread::NotStarted(spawn) => *t = WorkerThread::Running(spawn()?),
+            other => *t = other,
+        }
+        Ok(())
+    }
 }
 
 /// The in-flight logs of a device's queues, shared with its workers.
@@ -229,17 +256,19 @@ where
         };
         let ep = epoll_fd.clone();
         let busy = queues.busy.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("vring-worker-{thread_id}"))
-            .spawn(move || {
-                let _keep = exit_consumer;
-                worker_loop(&ep, &queues, num_queues, options)
-            })?;
+        let spawn: SpawnWorker = Box::new(move || {
+            std::thread::Builder::new()
+                .name(format!("vring-worker-{thread_id}"))
+                .spawn(move || {
+                    let _keep = exit_consumer;
+                    worker_loop(&ep, &queues, num_queues, options)
+                })
+        });
         Ok(Worker {
             epoll: epoll_fd,
             stop,
             busy,
-            thread: Some(thread),
+            thread: Mutex::new(WorkerThread::NotStarted(spawn)),
         })
     }
 
@@ -527,6 +556,9 @@ where
         )
         .map_err(|source| QueueError::Backend { index, source })?;
         st.started[index] = Some(reg_fd);
+        self.workers[place.thread]
+            .ensure_started()
+            .map_err(|source| QueueError::Backend { index, source })?;
         // Requests already waiting (a resumed ring, resubmitted in-flight requests) would
         // otherwise wait for the driver's next kick.
         if has_new_buffers(vring, &self.snapshot) {
@@ -622,8 +654,10 @@ where
         for w in &self.workers {
             let _ = w.stop.write(1);
         }
-        for w in &mut self.workers {
-            if let Some(t) = w.thread.take() {
+        for w in &self.workers {
+            if let WorkerThread::Running(t) =
+                std::mem::replace(&mut *lock(&w.thread), WorkerThread::Gone)
+            {
                 let _ = t.join();
             }
         }

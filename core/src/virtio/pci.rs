@@ -18,6 +18,7 @@
 //! Interrupts: while MSI-X is enabled, a queue's call fd *is* the eventfd the client
 //! attached to its vector (completions go straight to the client's irqfd); otherwise a
 //! small relay thread turns the call into ISR bit 0 plus INTx (or an MSI-X pending bit).
+//! The relay thread starts with the first queue, so an idle function has no thread.
 
 use std::fs::File;
 use std::io;
@@ -182,6 +183,9 @@ pub struct VirtioPci {
     device: Arc<dyn VirtioDevice>,
     router: Arc<Router>,
     relay_stop: Option<StopHandle>,
+    /// The relay's loop until its thread starts (with the first queue: an idle function
+    /// costs no thread), then its thread.
+    relay_loop: Option<EventLoop>,
     relay_thread: Option<std::thread::JoinHandle<()>>,
     kicks: Vec<EventFd>,
     notify_mem: Option<Arc<File>>,
@@ -288,7 +292,7 @@ impl VirtioPci {
                 r.refresh();
             }
         }));
-        let (relay_stop, relay_thread) = Self::start_relay(&router)?;
+        let relay_loop = Self::relay_loop(&router)?;
         let notify_mem = if options.notify_mmap {
             Some(Arc::new(notify_memfd()?))
         } else {
@@ -304,8 +308,9 @@ impl VirtioPci {
             msix,
             device,
             router,
-            relay_stop: Some(relay_stop),
-            relay_thread: Some(relay_thread),
+            relay_stop: Some(relay_loop.stop_handle()),
+            relay_loop: Some(relay_loop),
+            relay_thread: None,
             kicks,
             notify_mem,
             device_feature_select: 0,
@@ -322,7 +327,7 @@ impl VirtioPci {
         Ok(dev)
     }
 
-    fn start_relay(router: &Arc<Router>) -> io::Result<(StopHandle, std::thread::JoinHandle<()>)> {
+    fn relay_loop(router: &Arc<Router>) -> io::Result<EventLoop> {
         let mut lp = EventLoop::new()?;
         for (q, fd) in router.relay_fds.iter().enumerate() {
             let r = router.clone();
@@ -333,15 +338,23 @@ impl VirtioPci {
                 Control::Continue
             })?;
         }
-        let stop = lp.stop_handle();
-        let thread = std::thread::Builder::new()
-            .name("virtio-irq-relay".into())
-            .spawn(move || {
-                if let Err(e) = lp.run() {
-                    warn!("virtio interrupt relay failed: {e}");
-                }
-            })?;
-        Ok((stop, thread))
+        Ok(lp)
+    }
+
+    /// Start the relay thread if it has not started yet (queues signal it only once they
+    /// run; its eventfds collect signals meanwhile).
+    fn ensure_relay(&mut self) -> io::Result<()> {
+        if let Some(mut lp) = self.relay_loop.take() {
+            let thread = std::thread::Builder::new()
+                .name("virtio-irq-relay".into())
+                .spawn(move || {
+                    if let Err(e) = lp.run() {
+                        warn!("virtio interrupt relay failed: {e}");
+                    }
+                })?;
+            self.relay_thread = Some(thread);
+        }
+        Ok(())
     }
 
     /// The virtio device behind this function.
@@ -440,6 +453,11 @@ impl VirtioPci {
     }
 
     fn start_queue(&mut self, q: usize) {
+        if let Err(e) = self.ensure_relay() {
+            warn!("{}: cannot start the interrupt relay: {e}", self.name);
+            self.status |= status::DEVICE_NEEDS_RESET;
+            return;
+        }
         let regs = self.queues[q];
         let kick = match self.kicks[q].try_clone() {
             Ok(k) => k,
@@ -1190,7 +1208,9 @@ mod tests {
         p.irqs
             .set_eventfds(IrqKind::Intx, 0, vec![Some(efd.try_clone().unwrap())])
             .unwrap();
-        // MSI-X is off: a queue completion goes through the relay to ISR + INTx.
+        // MSI-X is off: a queue completion goes through the relay to ISR + INTx (its
+        // thread starts with the first queue; start it as a running queue would).
+        p.ensure_relay().unwrap();
         p.router.relay_fds[0].write(1).unwrap();
         let mut waited = 0;
         while p.router.isr.load(Ordering::SeqCst) == 0 && waited < 200 {
