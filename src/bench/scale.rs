@@ -70,7 +70,13 @@ pub fn footprint(place: &Placement, dir: &Path, devices: usize) -> Result<Daemon
     }
     let config = dir.join(format!("scale-{devices}.toml"));
     std::fs::write(&config, toml).map_err(|e| format!("{}: {e}", config.display()))?;
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
+    // This very binary, copied once: the file at current_exe() may be rebuilt (and
+    // replaced) while a long run goes on, but /proc/self/exe stays readable.
+    let exe = dir.join("unidev-under-test");
+    if !exe.exists() {
+        std::fs::copy("/proc/self/exe", &exe)
+            .map_err(|e| format!("cannot copy this binary to {}: {e}", exe.display()))?;
+    }
     let started = Instant::now();
     let child = place
         .build_on_device(|| {
