@@ -154,16 +154,25 @@ pub fn run_guest_args(
     spawn_guest(dir, init, init, modules, append, qemu_args, 180).wait()
 }
 
-/// Build the initramfs of guest init `init` as `dir/name.cpio.gz`.
-fn build_initramfs(dir: &Path, name: &str, init: &str, modules: &str) -> PathBuf {
+/// Build the initramfs of guest init `init` as `dir/name.cpio.gz`, with extra `files`
+/// (host path, guest path).
+fn build_initramfs(
+    dir: &Path,
+    name: &str,
+    init: &str,
+    modules: &str,
+    files: &[(PathBuf, String)],
+) -> PathBuf {
     let initrd = dir.join(format!("{name}.cpio.gz"));
-    let out = Command::new("bash")
-        .arg(e2e_script("mkinitramfs.sh"))
+    let mut cmd = Command::new("bash");
+    cmd.arg(e2e_script("mkinitramfs.sh"))
         .arg(&initrd)
         .args(["--modules", modules, "--init"])
-        .arg(e2e_script("guest").join(init))
-        .output()
-        .unwrap();
+        .arg(e2e_script("guest").join(init));
+    for (src, dest) in files {
+        cmd.arg("--file").arg(format!("{}:{dest}", src.display()));
+    }
+    let out = cmd.output().unwrap();
     assert!(
         out.status.success(),
         "mkinitramfs failed:\n{}\n{}",
@@ -185,7 +194,40 @@ pub fn spawn_guest(
     qemu_args: &[String],
     timeout_secs: u64,
 ) -> GuestProcess {
-    let initrd = build_initramfs(dir, name, init, modules);
+    spawn_guest_with(
+        dir,
+        name,
+        init,
+        modules,
+        append,
+        qemu_args,
+        timeout_secs,
+        &GuestOptions::default(),
+    )
+}
+
+/// Less common guest settings.
+#[derive(Default, Clone)]
+pub struct GuestOptions {
+    /// Extra files in the initramfs: (host path, guest path).
+    pub files: Vec<(PathBuf, String)>,
+    /// Number of vCPUs (the harness's default, 1, when None).
+    pub smp: Option<u32>,
+}
+
+/// [`spawn_guest`] with [`GuestOptions`].
+#[allow(clippy::too_many_arguments)]
+pub fn spawn_guest_with(
+    dir: &Path,
+    name: &str,
+    init: &str,
+    modules: &str,
+    append: &str,
+    qemu_args: &[String],
+    timeout_secs: u64,
+    options: &GuestOptions,
+) -> GuestProcess {
+    let initrd = build_initramfs(dir, name, init, modules, &options.files);
     let log = dir.join(format!("{name}.log"));
     let _ = std::fs::remove_file(&log);
     let mut cmd = Command::new("bash");
@@ -200,6 +242,9 @@ pub fn spawn_guest(
         .arg(dir);
     if !append.is_empty() {
         cmd.args(["--append", append]);
+    }
+    if let Some(n) = options.smp {
+        cmd.args(["--smp", &n.to_string()]);
     }
     cmd.arg("--");
     cmd.args(qemu_args);

@@ -83,6 +83,8 @@ for t in "${!tool_pkg[@]}"; do
     command -v "$t" >/dev/null 2>&1 || need_pkgs+=("${tool_pkg[$t]}")
 done
 [[ -f /usr/share/keyrings/debian-archive-keyring.gpg ]] || need_pkgs+=(debian-archive-keyring)
+# glibc's static libraries: the VDUSE test runs a statically linked unidev in the guest.
+[[ -f /usr/lib/x86_64-linux-gnu/libc.a ]] || need_pkgs+=(libc6-dev)
 if ((${#need_pkgs[@]})); then
     step "host apt-get update" apt-get update -q
     step "host install ${need_pkgs[*]}" env DEBIAN_FRONTEND=noninteractive \
