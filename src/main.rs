@@ -33,7 +33,7 @@ use unidev_core::pci::SharedPciDevice;
 use unidev_core::virtio::{
     DispatchOptions, LocalVirtio, VirtioDevice, VirtioPci, VirtioPciOptions,
 };
-use unidev_transports::listener;
+use unidev_transports::listener::{self, PeerPolicy};
 use unidev_transports::vduse::{VdpaDriver, DEFAULT_CONTROL_PATH};
 use unidev_transports::vfio_user::{DmaRwLayout, ServerConfig, VfioUserServer};
 use unidev_transports::vhost_user::VhostUserServer;
@@ -115,6 +115,14 @@ struct ServeArgs {
     /// Permission bits of the socket, in octal.
     #[arg(long, default_value = "0600", value_parser = parse_mode)]
     socket_mode: u32,
+    /// Group of the socket (a name or a numeric gid), for a client running as another
+    /// user in that group (with --socket-mode 0660).
+    #[arg(long, value_parser = parse_group)]
+    socket_group: Option<u32>,
+    /// Serve only clients running as this uid (SO_PEERCRED); repeat to allow several.
+    /// Others are refused and logged.
+    #[arg(long = "allow-uid", value_name = "UID")]
+    allow_uids: Vec<u32>,
     /// Cap on the client's DMA maps.
     #[arg(long, default_value_t = unidev_core::memory::DEFAULT_MAX_MAPS)]
     max_dma_maps: usize,
@@ -211,6 +219,37 @@ fn parse_block_size(s: &str) -> Result<u32, String> {
         Ok(n @ (512 | 4096)) => Ok(n),
         _ => Err(format!("{s:?}: the logical block size must be 512 or 4096")),
     }
+}
+
+/// A group given by name or numeric gid.
+fn parse_group(text: &str) -> Result<u32, String> {
+    if let Ok(gid) = text.parse::<u32>() {
+        return Ok(gid);
+    }
+    let name = std::ffi::CString::new(text).map_err(|_| format!("bad group name {text:?}"))?;
+    let mut group: libc::group = unsafe_zeroed_group();
+    let mut buf = vec![0 as libc::c_char; 16384];
+    let mut found: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: getgrnam_r writes into `group` and `buf` (of the given length) and sets
+    // `found` to `&group` or null; all outlive the call.
+    let r = unsafe {
+        libc::getgrnam_r(
+            name.as_ptr(),
+            &mut group,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut found,
+        )
+    };
+    if r != 0 || found.is_null() {
+        return Err(format!("no group named {text:?}"));
+    }
+    Ok(group.gr_gid)
+}
+
+fn unsafe_zeroed_group() -> libc::group {
+    // SAFETY: libc::group is plain data (integers and pointers); all-zero is valid.
+    unsafe { std::mem::zeroed() }
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -459,6 +498,7 @@ impl Server {
 #[derive(Default)]
 struct ServerSettings {
     vfio_user: ServerConfig,
+    peers: PeerPolicy,
 }
 
 impl ServerSettings {
@@ -472,6 +512,9 @@ impl ServerSettings {
                     LayoutArg::Spec => DmaRwLayout::Spec,
                 },
                 io_timeout: Duration::from_secs(args.io_timeout_secs.max(1)),
+            },
+            peers: PeerPolicy {
+                allowed_uids: (!args.allow_uids.is_empty()).then(|| args.allow_uids.clone()),
             },
         }
     }
@@ -488,11 +531,15 @@ fn make_server(
     let err = |e: io::Error| format!("{name}: cannot start server: {e}");
     Ok(match device {
         Built::Pci(device) => Server::VfioUser(
-            VfioUserServer::new(name, listener, device, settings.vfio_user.clone()).map_err(err)?,
+            VfioUserServer::new(name, listener, device, settings.vfio_user.clone())
+                .map_err(err)?
+                .with_peer_policy(settings.peers.clone()),
         ),
-        Built::Virtio(device) => {
-            Server::VhostUser(VhostUserServer::new(name, listener, device, dma).map_err(err)?)
-        }
+        Built::Virtio(device) => Server::VhostUser(
+            VhostUserServer::new(name, listener, device, dma)
+                .map_err(err)?
+                .with_peer_policy(settings.peers.clone()),
+        ),
     })
 }
 
@@ -508,7 +555,8 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     let device = make_device(&args.device, dma.clone(), args.transport)?;
     let (listener, shown): (UnixListener, String) = match (&args.socket_path, args.fd) {
         (Some(path), _) => (
-            listener::bind(path, args.socket_mode).map_err(|e| e.to_string())?,
+            listener::bind_with(path, args.socket_mode, args.socket_group)
+                .map_err(|e| e.to_string())?,
             path.display().to_string(),
         ),
         (None, Some(fd)) => (
@@ -733,6 +781,8 @@ fn demo() -> Result<(), String> {
         socket_path: Some(sock),
         fd: None,
         socket_mode: 0o600,
+        socket_group: None,
+        allow_uids: Vec::new(),
         max_dma_maps: unidev_core::memory::DEFAULT_MAX_MAPS,
         max_msg_fds: 16,
         max_data_xfer_size: 1 << 20,

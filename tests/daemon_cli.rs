@@ -204,3 +204,56 @@ fn bad_arguments_get_clear_errors() {
         );
     }
 }
+
+#[test]
+fn socket_group_and_allowed_uids() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = test_dir("peers");
+    // SAFETY: getuid has no preconditions.
+    let me = unsafe { libc::getuid() };
+    for (allowed, served) in [(me.wrapping_add(1), false), (me, true)] {
+        let sock = dir.join(format!("gpio-{served}.sock"));
+        let s = sock.to_str().unwrap();
+        let allowed = allowed.to_string();
+        let d = Daemon::serve(
+            &dir,
+            &format!("d-{served}"),
+            &sock,
+            &[
+                "serve",
+                "--transport",
+                "vfio-user",
+                "--socket-path",
+                s,
+                "--socket-mode",
+                "0660",
+                "--socket-group",
+                "4242",
+                "--allow-uid",
+                &allowed,
+                "gpio",
+            ],
+        );
+        let meta = std::fs::metadata(&sock).unwrap();
+        assert_eq!((meta.gid(), meta.mode() & 0o777), (4242, 0o660));
+        let answered = VfioUserClient::connect(&sock)
+            .and_then(|mut c| c.device_info())
+            .is_ok();
+        assert_eq!(answered, served, "uid {me}, allowed {allowed}");
+        if !served {
+            common::wait_for(10, "the refusal in the log", || {
+                d.log_text().contains("refusing a connection")
+            });
+        }
+    }
+    // A group that does not exist is a clear error.
+    let out = Command::new(unidev_bin())
+        .args(["serve", "--transport", "vfio-user", "--socket-path"])
+        .arg(dir.join("x.sock"))
+        .args(["--socket-group", "no-such-group-here", "gpio"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no group named"), "{err}");
+}
