@@ -23,7 +23,9 @@
 //!
 //! Adaptive polling (a per-device option): after handling a kick, a worker keeps
 //! checking the queue's available index for a bounded time before going back to sleep,
-//! trading CPU for wake-up latency (cross-core eventfd wake-ups are costly).
+//! trading CPU for wake-up latency (cross-core eventfd wake-ups are costly). While it
+//! polls, the driver is asked not to notify; notifications are back on (and the ring
+//! checked again) before it sleeps.
 
 use std::fs::File;
 use std::io;
@@ -37,7 +39,7 @@ use log::{error, info, warn};
 use vhost::vhost_user::message::VhostUserVirtioFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::QueueT;
-use vm_memory::GuestAddressSpace;
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -392,12 +394,20 @@ impl<B: VhostUserBackend<Bitmap = (), Vring = VringRwLock>> WorkerQueues<B> {
         any
     }
 
+    /// Poll `vring` until `budget` passes without new buffers. Meanwhile the driver is
+    /// asked not to notify (a kick would only cost it a syscall, and over vfio-user a
+    /// doorbell message the server thread must wake for); before returning to sleep,
+    /// notifications are enabled again and the ring checked once more, so a buffer
+    /// published in between is never left without a kick.
     fn poll_queue(&self, vring: &VringRwLock, device_event: u16, budget: Duration) {
         let mut deadline = Instant::now() + budget;
         let mut spins = 0u32;
+        suppress_notifications(vring, &self.snapshot);
         loop {
             if has_new_buffers(vring, &self.snapshot) {
                 self.handle(device_event, EventSet::IN);
+                // The backend enables notifications when it has drained the ring.
+                suppress_notifications(vring, &self.snapshot);
                 deadline = Instant::now() + budget;
                 continue;
             }
@@ -405,9 +415,56 @@ impl<B: VhostUserBackend<Bitmap = (), Vring = VringRwLock>> WorkerQueues<B> {
             spins = spins.wrapping_add(1);
             // Reading the clock every iteration would dominate the spin.
             if spins % 64 == 0 && Instant::now() >= deadline {
-                return;
+                if !rearm_notifications(vring, &self.snapshot) {
+                    return;
+                }
+                // Published before notifications were back on: keep going.
+                deadline = Instant::now() + budget;
             }
         }
+    }
+}
+
+/// Ask the driver to notify about `vring` again; whether it published buffers meanwhile
+/// (then the caller must take them: no kick will come for them). Only while the queue
+/// runs: the check and the write happen under the vring's lock, so a queue stopped (and
+/// its rings perhaps gone) is never written.
+fn rearm_notifications(vring: &VringRwLock, snapshot: &GuestMemorySnapshot) -> bool {
+    let mut state = vring.get_mut();
+    if !state.is_enabled() {
+        return false;
+    }
+    let q = state.get_queue_mut();
+    if !q.ready() {
+        return false;
+    }
+    let mem = snapshot.memory();
+    q.enable_notification(&*mem).unwrap_or(false)
+}
+
+/// Ask the driver not to notify about `vring` (virtio 1.2 2.7.10): VRING_USED_F_NO_NOTIFY,
+/// or with EVENT_IDX an `avail_event` one behind the next entry the device takes, which
+/// the driver's next publications do not cross. A hint: a driver may notify anyway. Like
+/// [`rearm_notifications`], only while the queue runs.
+fn suppress_notifications(vring: &VringRwLock, snapshot: &GuestMemorySnapshot) {
+    let mut state = vring.get_mut();
+    if !state.is_enabled() {
+        return;
+    }
+    let q = state.get_queue_mut();
+    if !q.ready() {
+        return;
+    }
+    let mem = snapshot.memory();
+    if !q.event_idx_enabled() {
+        let _ = q.disable_notification(&*mem);
+        return;
+    }
+    // avail_event follows the used ring's entries (virtio 1.2 2.7.8).
+    let at = q.used_ring().checked_add(4 + 8 * u64::from(q.size()));
+    if let Some(at) = at {
+        let behind = q.next_avail().wrapping_sub(1);
+        let _ = mem.store(behind.to_le(), GuestAddress(at), Ordering::Relaxed);
     }
 }
 
