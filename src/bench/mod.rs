@@ -39,8 +39,8 @@ pub struct BenchArgs {
     /// Run only these sections (repeatable; default: all).
     #[arg(long = "section", value_enum)]
     pub sections: Vec<Section>,
-    /// Run only the cases whose row keys contain this text (for profiling one row; the
-    /// floors and peers it is compared with are then missing from the report).
+    /// Run only the cases whose row keys contain one of these comma-separated texts (for
+    /// profiling a row; the floors and peers it is compared with may then be missing).
     #[arg(long)]
     pub only: Option<String>,
 }
@@ -288,7 +288,12 @@ impl Bench {
     /// Run `cases` `settings.reps` times, round-robin, and record their rows.
     pub fn run_cases(&mut self, section: Section, mut cases: Vec<Case<'_>>) {
         if let Some(only) = &self.settings.only {
-            cases.retain(|c| c.specs.iter().any(|s| s.key.contains(only.as_str())));
+            let wanted: Vec<&str> = only.split(',').filter(|w| !w.is_empty()).collect();
+            cases.retain(|c| {
+                c.specs
+                    .iter()
+                    .any(|s| wanted.iter().any(|w| s.key.contains(w)))
+            });
         }
         let mut first_row = Vec::with_capacity(cases.len());
         for c in &cases {
