@@ -16,6 +16,13 @@
 //!   through vm-memory changes only its private copy, never the client's memory, and
 //!   cannot fault.
 //!
+//! A map's regular file (memfd, tmpfs, hugetlbfs) must hold the whole range: touching a
+//! mapping past the file's end raises SIGBUS in the daemon. The size is checked at map
+//! time, and a memfd that allows sealing is sealed against shrinking
+//! (`F_SEAL_SHRINK`) so the client cannot cut it short afterwards (QEMU's
+//! `memory-backend-memfd` seals its memfds itself). Files that cannot be sealed (tmpfs or
+//! hugetlbfs files) are accepted; their clients are trusted not to truncate them.
+//!
 //! Lookups use a `BTreeMap` keyed by IOVA (O(log n)), and the snapshot is vm-memory's
 //! sorted region vector (binary search), so tens of thousands of maps stay fast. Adding a
 //! map only marks the snapshot stale; [`DmaSpace::publish`] rebuilds it once per batch of
@@ -391,10 +398,23 @@ impl DmaSpace {
     ) -> Result<GuestRegionMmap, MemoryError> {
         let invalid = |why| MemoryError::InvalidRange { iova, size, why };
         let len = usize::try_from(size).map_err(|_| invalid("size too large"))?;
-        backing
+        let end = backing
             .offset
             .checked_add(size)
             .ok_or_else(|| invalid("file offset + size wraps around"))?;
+        let meta = backing
+            .file
+            .metadata()
+            .map_err(|source| MemoryError::Mmap { iova, size, source })?;
+        // Regular files (what clients share) must hold the range and are sealed where
+        // possible. Kernel-made files (VDUSE's bounce domain, an anonymous inode) report
+        // no size; transports decide which kinds of file their peers may send.
+        if meta.file_type().is_file() {
+            if end > meta.len() {
+                return Err(invalid("the range runs past the end of the file"));
+            }
+            seal_against_shrinking(&backing.file);
+        }
         // Read-only maps become private copy-on-write mappings: a device writing to them
         // never reaches client memory and cannot fault.
         let flags = if prot.write {
@@ -591,6 +611,21 @@ impl DmaSpace {
             .clone()
             .ok_or(MemoryError::NoMessagePath { iova, len })
     }
+}
+
+/// Seal a client's memfd against shrinking if it allows sealing and is not sealed yet:
+/// a shrink under a mapping would make device accesses SIGBUS. Files that cannot be
+/// sealed are left as they are (see the module doc).
+fn seal_against_shrinking(file: &File) {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    // SAFETY: F_GET_SEALS on a valid descriptor; failure (not a memfd) is checked.
+    let seals = unsafe { libc::fcntl(fd, libc::F_GET_SEALS) };
+    if seals < 0 || seals & libc::F_SEAL_SHRINK != 0 || seals & libc::F_SEAL_SEAL != 0 {
+        return;
+    }
+    // SAFETY: F_ADD_SEALS with a valid seal on a valid descriptor; failure is harmless.
+    unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) };
 }
 
 #[cfg(test)]
@@ -824,5 +859,43 @@ mod tests {
         assert_eq!(s.find(0x2000 * 40000 + 5).unwrap().iova, 0x2000 * 40000);
         assert!(s.find(0x2000 * 40000 + 0x1000).is_none());
         assert_eq!(s.unmap_all(), DEFAULT_MAX_MAPS);
+    }
+
+    fn sealable_memfd(len: u64) -> File {
+        // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
+        let raw = unsafe {
+            libc::memfd_create(c"t".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+        };
+        assert!(raw >= 0);
+        // SAFETY: a new descriptor owned by nobody else.
+        let f = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+        f.set_len(len).unwrap();
+        f
+    }
+
+    #[test]
+    fn a_map_must_fit_its_file_and_a_memfd_is_sealed_against_shrinking() {
+        let dma = DmaSpace::default();
+        let map = |iova, size, file: &File, offset| {
+            dma.map(MapRequest {
+                iova,
+                size,
+                prot: Prot::READ_WRITE,
+                backing: Some(FdBacking {
+                    file: file.try_clone().unwrap(),
+                    offset,
+                }),
+            })
+        };
+        let f = sealable_memfd(0x4000);
+        assert_eq!(map(0, 0x8000, &f, 0).unwrap_err().errno(), libc::EINVAL);
+        assert_eq!(
+            map(0, 0x4000, &f, 0x1000).unwrap_err().errno(),
+            libc::EINVAL
+        );
+        map(0, 0x4000, &f, 0).unwrap();
+        // The client can no longer cut the memory short under the device.
+        assert!(f.set_len(0x1000).is_err(), "shrinking a mapped memfd");
+        assert!(f.set_len(0x8000).is_ok(), "growing is harmless");
     }
 }

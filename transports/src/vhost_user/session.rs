@@ -317,6 +317,14 @@ impl Session {
     }
 
     fn map_region(&mut self, region: Region, file: File) -> VhostResult<()> {
+        // Frontends share guest memory as regular files (memfd, tmpfs, hugetlbfs); the
+        // core checks the size and seals it against shrinking.
+        if !file.metadata().is_ok_and(|m| m.file_type().is_file()) {
+            return Err(refuse(format!(
+                "memory region at {:#x}: the fd is not a regular file",
+                region.gpa
+            )));
+        }
         if self.regions.iter().any(|r| {
             region.uaddr < r.uaddr.saturating_add(r.size)
                 && r.uaddr < region.uaddr.saturating_add(region.size)
