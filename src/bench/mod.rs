@@ -732,3 +732,47 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     println!("{written}");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(kind: Kind, values: &[f64]) -> Row {
+        Row {
+            section: Section::Data,
+            key: "k".into(),
+            label: "l".into(),
+            kind,
+            floor: None,
+            peer: None,
+            reps: values
+                .iter()
+                .map(|&value| Rep {
+                    value,
+                    p99: None,
+                    count: 1,
+                })
+                .collect(),
+            error: None,
+        }
+    }
+
+    #[test]
+    fn cost_ratios_are_per_repetition_and_inverse_for_rates() {
+        // The machine doubles its speed after the first repetition: per-repetition
+        // ratios see a steady 2x, the ratio of medians would not.
+        let slow = row(Kind::Latency, &[20.0, 10.0, 10.0]);
+        let fast = row(Kind::Latency, &[10.0, 5.0, 5.0]);
+        assert_eq!(slow.cost_ratio(&fast), Some(2.0));
+        // Fewer operations per second cost more.
+        let few = row(Kind::Rate, &[100.0]);
+        let many = row(Kind::Rate, &[400.0]);
+        assert_eq!(few.cost_ratio(&many), Some(4.0));
+        // Different repetition counts: ratio of the medians.
+        let one = row(Kind::Latency, &[30.0]);
+        assert_eq!(one.cost_ratio(&fast), Some(6.0));
+        assert_eq!(row(Kind::Latency, &[]).cost_ratio(&fast), None);
+        assert_eq!(slow.value(), Some(10.0));
+        assert_eq!(slow.spread(), Some(1.0));
+    }
+}
