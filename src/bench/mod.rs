@@ -730,6 +730,13 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     };
     let written = report::write(&args.out, &bench.rows, &run)?;
     println!("{written}");
+    let failed = bench.rows.iter().filter(|r| r.error.is_some()).count();
+    if failed > 0 {
+        return Err(format!(
+            "{failed} row(s) failed (listed at the end of {})",
+            args.out.join("bench.md").display()
+        ));
+    }
     Ok(())
 }
 
