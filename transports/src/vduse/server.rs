@@ -73,17 +73,21 @@ impl VduseOptions {
     }
 }
 
-/// A created kernel device: destroyed when dropped (after everything that holds its node
-/// open, which is why it is the server's last field).
+/// A kernel device this server is responsible for: destroyed when dropped if `armed`
+/// (after everything that holds its node open, which is why it is the server's last
+/// field). A left-over device is armed only once it is taken over.
 struct CreatedDevice {
     control: VduseControl,
     name: String,
+    armed: bool,
 }
 
 impl Drop for CreatedDevice {
     fn drop(&mut self) {
-        if let Err(e) = self.control.destroy(&self.name) {
-            error!("{e}");
+        if self.armed {
+            if let Err(e) = self.control.destroy(&self.name) {
+                error!("{e}");
+            }
         }
     }
 }
@@ -140,10 +144,15 @@ impl VduseServer {
         dma: Arc<DmaSpace>,
     ) -> Result<Self, VduseError> {
         let spec = DeviceSpec::for_device(&options.name, device.as_ref())?;
-        let control = VduseControl::open(&options.control_path)?;
+        let mut created = CreatedDevice {
+            control: VduseControl::open(&options.control_path)?,
+            name: spec.name.clone(),
+            armed: false,
+        };
+        let control = &created.control;
         let mut takeover = false;
         match control.create(&spec) {
-            Ok(()) => {}
+            Ok(()) => created.armed = true,
             Err(VduseError::Os { source, .. }) if source.raw_os_error() == Some(libc::EEXIST) => {
                 // Left over by a daemon killed without cleaning up (see the module docs).
                 match control.destroy(&spec.name) {
@@ -153,6 +162,7 @@ impl VduseServer {
                             spec.name
                         );
                         control.create(&spec)?;
+                        created.armed = true;
                     }
                     Err(VduseError::Os { source, .. })
                         if source.raw_os_error() == Some(libc::EBUSY) =>
@@ -187,13 +197,10 @@ impl VduseServer {
                  attached: taking it over",
                 spec.name
             );
+            created.armed = true;
         } else {
             setup_queues(&channel, &spec)?;
         }
-        let created = CreatedDevice {
-            control,
-            name: spec.name.clone(),
-        };
         let mut server = Self::with_channel(spec.name.clone(), device, dma, channel, io)
             .map_err(|e| VduseError::from_os("cannot create the event loop", e))?;
         server.takeover = takeover;
