@@ -23,6 +23,14 @@ use super::codec::{Header, HEADER_SIZE};
 /// large so that a client sending too many is detected rather than silently truncated.
 const SCM_MAX_FD: usize = 253;
 
+/// Bytes of a control message carrying [`SCM_MAX_FD`] descriptors: CMSG_SPACE(253 * 4)
+/// on Linux (a 16-byte header and the data rounded up to 8 bytes).
+const CONTROL_BYTES: usize = 16 + (SCM_MAX_FD * 4).next_multiple_of(8);
+
+/// Room for one control message, aligned as `cmsghdr` requires.
+#[repr(C, align(8))]
+struct ControlBuffer([u8; CONTROL_BYTES]);
+
 /// Past this size a message is not drained but the connection dropped: reading gigabytes
 /// to skip a bogus message would only help an attacker.
 const MAX_DRAIN: usize = 64 << 20;
@@ -116,29 +124,68 @@ impl MessageSocket {
         self.stream.set_write_timeout(t)
     }
 
-    /// recvmsg into `buf`, collecting fds; returns bytes read.
+    /// recvmsg into `buf`, collecting fds; returns bytes read. The control buffer lives
+    /// on the stack (room for [`SCM_MAX_FD`] descriptors): this runs twice per message,
+    /// and allocating and initialising a buffer that size each time cost more than the
+    /// rest of a small message's handling.
     fn recv_part(&self, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
-        let mut raw = [-1 as RawFd; SCM_MAX_FD];
-        let mut iov = [iovec {
+        let mut iov = iovec {
             iov_base: buf.as_mut_ptr().cast(),
             iov_len: buf.len(),
-        }];
+        };
+        let mut control = ControlBuffer([0u8; CONTROL_BYTES]);
         loop {
-            // SAFETY: the iovec points into `buf`, which is valid for writes of its length
-            // for the duration of the call.
-            let r = unsafe { self.stream.recv_with_fds(&mut iov, &mut raw) };
-            match r {
-                Ok((n, nfds)) => {
-                    for &fd in &raw[..nfds] {
-                        // SAFETY: recvmsg just installed these descriptors in our table;
-                        // nothing else owns them.
+            // SAFETY: an all-zero msghdr is valid (no name, no iovecs, no control).
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.0.as_mut_ptr().cast();
+            msg.msg_controllen = CONTROL_BYTES as _;
+            // SAFETY: msg points at one iovec into `buf` (valid for writes of its length)
+            // and at `control` (valid for CONTROL_BYTES, aligned for cmsghdr); both
+            // outlive the call.
+            let n = unsafe { libc::recvmsg(self.stream.as_raw_fd(), &mut msg, 0) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            let first = fds.len();
+            // SAFETY: CMSG_FIRSTHDR and CMSG_NXTHDR walk the control data the kernel
+            // wrote, bounded by the msg_controllen it set; each header they return lies
+            // inside `control`.
+            let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+            while !cmsg.is_null() {
+                // SAFETY: non-null headers from CMSG_FIRSTHDR/NXTHDR are inside `control`.
+                let h = unsafe { std::ptr::read_unaligned(cmsg) };
+                if h.cmsg_level == libc::SOL_SOCKET && h.cmsg_type == libc::SCM_RIGHTS {
+                    // SAFETY: CMSG_LEN has no preconditions.
+                    let header_len = unsafe { libc::CMSG_LEN(0) } as usize;
+                    let count = (h.cmsg_len as usize).saturating_sub(header_len)
+                        / std::mem::size_of::<RawFd>();
+                    // SAFETY: the data of this header follows it inside `control`.
+                    let data = unsafe { libc::CMSG_DATA(cmsg) }.cast::<RawFd>();
+                    for i in 0..count {
+                        // SAFETY: `count` descriptors follow the header (cmsg_len says so,
+                        // and the kernel never writes past msg_controllen); they were
+                        // just installed in our table and nothing else owns them.
+                        let fd = unsafe { std::ptr::read_unaligned(data.add(i)) };
+                        // SAFETY: as above.
                         fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
                     }
-                    return Ok(n);
                 }
-                Err(e) if e.errno() == libc::EINTR => continue,
-                Err(e) => return Err(io::Error::from_raw_os_error(e.errno())),
+                // SAFETY: as for CMSG_FIRSTHDR.
+                cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
             }
+            if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+                // Descriptors were lost: the message cannot be handled as sent. Those
+                // received are closed (dropped) with the error.
+                fds.truncate(first);
+                return Err(io::Error::from_raw_os_error(libc::ENOBUFS));
+            }
+            return Ok(n as usize);
         }
     }
 
@@ -235,10 +282,17 @@ impl MessageSocket {
         let total = hbuf.len() + payload.len();
         // First sendmsg carries the fds; retry the rest without them.
         let mut sent = loop {
-            match self.stream.send_with_fds(&[&hbuf[..], payload], fds) {
+            let r = if fds.is_empty() {
+                self.send_plain(&hbuf, payload)
+            } else {
+                self.stream
+                    .send_with_fds(&[&hbuf[..], payload], fds)
+                    .map_err(|e| io::Error::from_raw_os_error(e.errno()))
+            };
+            match r {
                 Ok(n) => break n,
-                Err(e) if e.errno() == libc::EINTR => continue,
-                Err(e) => return Err(io::Error::from_raw_os_error(e.errno())),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
             }
         };
         while sent < total {
@@ -262,6 +316,32 @@ impl MessageSocket {
         Ok(())
     }
 
+    /// One sendmsg of header and payload without descriptors (most messages): no
+    /// allocation, and MSG_NOSIGNAL so a vanished peer is an error, not a signal.
+    fn send_plain(&self, header: &[u8], payload: &[u8]) -> io::Result<usize> {
+        let mut iov = [
+            iovec {
+                iov_base: header.as_ptr() as *mut libc::c_void,
+                iov_len: header.len(),
+            },
+            iovec {
+                iov_base: payload.as_ptr() as *mut libc::c_void,
+                iov_len: payload.len(),
+            },
+        ];
+        // SAFETY: an all-zero msghdr is valid (no name, no iovecs, no control).
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iov.as_mut_ptr();
+        msg.msg_iovlen = iov.len() as _;
+        // SAFETY: the iovecs point into `header` and `payload`, valid for reads of their
+        // lengths for the duration of the call (sendmsg does not write through them).
+        let n = unsafe { libc::sendmsg(self.stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
     /// Raw fd (for epoll).
     pub fn as_raw_fd(&self) -> RawFd {
         self.stream.as_raw_fd()
@@ -277,5 +357,51 @@ impl MessageSocket {
         } else {
             n.max(0) as usize
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vfio_user::codec::Command;
+    use vmm_sys_util::eventfd::EventFd;
+
+    fn pair() -> (MessageSocket, MessageSocket) {
+        let (a, b) = UnixStream::pair().unwrap();
+        let limits = Limits {
+            max_msg_size: 4096,
+            max_fds: 16,
+        };
+        (MessageSocket::new(a, limits), MessageSocket::new(b, limits))
+    }
+
+    #[test]
+    fn control_buffer_holds_the_most_descriptors_a_message_can_carry() {
+        // SAFETY: CMSG_SPACE has no preconditions.
+        let needed = unsafe { libc::CMSG_SPACE((SCM_MAX_FD * 4) as u32) } as usize;
+        assert!(CONTROL_BYTES >= needed, "{CONTROL_BYTES} < {needed}");
+    }
+
+    #[test]
+    fn messages_with_and_without_descriptors_round_trip() {
+        let (a, b) = pair();
+        let payload = b"payload".to_vec();
+        let h = Header::command(7, Command::RegionRead, payload.len(), false);
+        a.send(&h, &payload, &[]).unwrap();
+        let m = b.recv().unwrap();
+        assert_eq!((m.header.id, &m.payload, m.fds.len()), (7, &payload, 0));
+
+        let efds: Vec<EventFd> = (0..3).map(|_| EventFd::new(0).unwrap()).collect();
+        let raw: Vec<RawFd> = efds.iter().map(|e| e.as_raw_fd()).collect();
+        let h = Header::command(8, Command::DeviceSetIrqs, payload.len(), false);
+        a.send(&h, &payload, &raw).unwrap();
+        let m = b.recv().unwrap();
+        assert_eq!((m.header.id, m.fds.len()), (8, 3));
+        // The received descriptors are the same eventfds.
+        efds[1].write(5).unwrap();
+        let mut v = 0u64;
+        // SAFETY: reads 8 bytes into a valid u64 from an owned, valid eventfd.
+        let n = unsafe { libc::read(m.fds[1].as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+        assert_eq!((n, v), (8, 5));
     }
 }
