@@ -396,7 +396,7 @@ pub fn markdown(rows: &[Row], run: &RunInfo) -> String {
             let verdict = if r.met {
                 "met".to_string()
             } else {
-                format!("missed by {:.0}%", 100.0 * (r.measured / r.limit - 1.0))
+                format!("missed by {:.1}%", 100.0 * (r.measured / r.limit - 1.0))
             };
             let _ = writeln!(
                 out,
