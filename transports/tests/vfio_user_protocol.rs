@@ -1164,7 +1164,9 @@ fn set_irqs_ranges_past_the_line_count_are_einval() {
     let e: Vec<_> = (0..3).map(|_| eventfd()).collect();
     let raw: Vec<RawFd> = e.iter().map(|e| e.as_raw_fd()).collect();
     let ev = irq::DATA_EVENTFD | irq::ACTION_TRIGGER;
-    let cases: [(u32, u32, u32, u32, &[RawFd]); 7] = [
+    let cases: [(u32, u32, u32, u32, &[RawFd]); 8] = [
+        // A huge count without fds (found by fuzzing: it used to allocate per line).
+        (ev, irq::MSIX, 0, u32::MAX - 1, &[]),
         (ev, irq::MSIX, 3, 2, &raw[..2]),
         (ev, irq::MSIX, 4, 1, &raw[..1]),
         (ev, irq::MSI, 0, 3, &raw[..3]),

@@ -802,7 +802,20 @@ impl Session {
                 .map_err(irq_err)?;
             }
             _ => {
-                // DATA_EVENTFD: one fd per line, or none to de-assign the range.
+                // DATA_EVENTFD: one fd per line, or none to de-assign the range. The range
+                // is checked before anything is built for it (a count of 2^32 - 1 must
+                // not allocate; found by fuzzing).
+                let lines_of_kind = self.irqs.layout().count(kind);
+                if s.start
+                    .checked_add(s.count)
+                    .is_none_or(|end| end > lines_of_kind)
+                {
+                    warn!(
+                        "{}: SET_IRQS {kind:?} {}+{} is outside its {lines_of_kind} lines",
+                        self.name, s.start, s.count
+                    );
+                    return err(libc::EINVAL);
+                }
                 let lines: Vec<Option<EventFd>> = if fds.is_empty() {
                     (0..s.count).map(|_| None).collect()
                 } else if fds.len() == s.count as usize {
