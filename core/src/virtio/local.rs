@@ -30,7 +30,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -99,6 +99,9 @@ struct InflightLogs {
     region: Mutex<Option<Arc<InflightRegion>>>,
     /// Per queue (global index), the log of a started queue.
     queues: Vec<Mutex<Option<InflightQueue>>>,
+    /// How many of `queues` hold a log: workers skip the per-queue locks while it is 0
+    /// (every device without a vhost-user inflight region, on every event).
+    logged: AtomicUsize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -175,6 +178,7 @@ where
         let logs = Arc::new(InflightLogs {
             region: Mutex::new(None),
             queues: (0..num_queues).map(|_| Mutex::new(None)).collect(),
+            logged: AtomicUsize::new(0),
         });
         let mut places: Vec<Option<QueuePlace>> = (0..num_queues).map(|_| None).collect();
         let mut workers = Vec::with_capacity(masks.len());
@@ -381,6 +385,9 @@ impl<B: VhostUserBackend<Bitmap = (), Vring = VringRwLock>> WorkerQueues<B> {
         &self,
         mut f: impl FnMut(&mut InflightQueue, &VringRwLock, &vm_memory::GuestMemoryMmap),
     ) -> bool {
+        if self.logs.logged.load(Ordering::Acquire) == 0 {
+            return false;
+        }
         let mut any = false;
         let mut mem = None;
         for (vring, global) in self.vrings.iter().zip(&self.global) {
@@ -590,7 +597,9 @@ where
                 }
                 (next_avail, next_used) = (p.next_avail, p.next_used);
             }
-            *lock(&self.logs.queues[index]) = Some(log);
+            if lock(&self.logs.queues[index]).replace(log).is_none() {
+                self.logs.logged.fetch_add(1, Ordering::Release);
+            }
         }
         vring.set_queue_next_avail(next_avail);
         vring.set_queue_next_used(next_used);
@@ -650,6 +659,7 @@ where
         if let Some(place) = &self.places[index] {
             let _quiet = lock(&self.workers[place.thread].busy);
             if let Some(mut log) = lock(&self.logs.queues[index]).take() {
+                self.logs.logged.fetch_sub(1, Ordering::Release);
                 let (avail, used) = {
                     let state = vring.get_ref();
                     let q = state.get_queue();
