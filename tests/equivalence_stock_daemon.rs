@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -18,16 +17,12 @@ use unidev_core::virtio::{DispatchOptions, LocalVirtio, VirtioPci, VirtioPciOpti
 use unidev_transports::listener;
 use unidev_transports::vfio_user::virtio_driver::{
     BlkCompletion, BlkSegment, DriverMemory, DriverOptions, VirtioBlkRequest, VirtioPciDriver,
-    Virtqueue,
 };
 use unidev_transports::vfio_user::{ServerConfig, VfioUserClient, VfioUserServer};
 use unidev_transports::vhost_user::VhostUserServer;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vhost_user_backend::VhostUserDaemon;
-use vm_memory::{GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 const EVENT_IDX: u64 = 1 << 29;
 const VERSION_1: u64 = 1 << 32;
@@ -168,47 +163,19 @@ fn through_unidev_vhost_user(
 /// Be a vhost-user frontend on `sock`: negotiate, share a memfd, set up one vring and
 /// run the script.
 fn drive_over_vhost_user(sock: &Path, event_idx: bool) -> Vec<BlkCompletion> {
-    let mut fe = Frontend::connect(sock, 1).unwrap();
-    fe.set_owner().unwrap();
-    let offered = fe.get_features().unwrap();
-    let features = offered
-        & (VERSION_1 | PROTOCOL_FEATURES | BLK_FEATURES | if event_idx { EVENT_IDX } else { 0 });
-    fe.set_features(features).unwrap();
-    let pf = fe.get_protocol_features().unwrap();
-    fe.set_protocol_features(
-        pf & (VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::CONFIG),
-    )
-    .unwrap();
-
     let mem = DriverMemory::new(16 << 20, 0x1_0000_0000).unwrap();
-    let gm = mem.guest_memory();
-    let region = gm.iter().next().unwrap();
-    let mut info = VhostUserMemoryRegionInfo::from_guest_region(region).unwrap();
-    info.mmap_handle = mem.file().as_raw_fd();
-    fe.set_mem_table(&[info]).unwrap();
-    let host = |iova: u64| info.userspace_addr + (iova - mem.iova_base());
-
-    let mut vq = Virtqueue::new(&mem, 0, 64, event_idx).unwrap();
-    fe.set_vring_num(0, 64).unwrap();
-    fe.set_vring_addr(
-        0,
-        &VringConfigData {
-            queue_max_size: 64,
-            queue_size: 64,
-            flags: 0,
-            desc_table_addr: host(vq.desc_iova()),
-            used_ring_addr: host(vq.used_iova()),
-            avail_ring_addr: host(vq.avail_iova()),
-            log_addr: None,
-        },
-    )
-    .unwrap();
-    fe.set_vring_base(0, 0).unwrap();
-    let kick = EventFd::new(EFD_NONBLOCK).unwrap();
-    let call = EventFd::new(EFD_NONBLOCK).unwrap();
-    fe.set_vring_call(0, &call).unwrap();
-    fe.set_vring_kick(0, &kick).unwrap();
-    fe.set_vring_enable(0, true).unwrap();
+    let features =
+        VERSION_1 | PROTOCOL_FEATURES | BLK_FEATURES | if event_idx { EVENT_IDX } else { 0 };
+    let common::VhostUserRing {
+        fe, mut vq, kick, ..
+    } = common::vhost_user_ring(
+        sock,
+        &mem,
+        features,
+        VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::CONFIG,
+        64,
+    );
+    assert_eq!(vq.event_idx(), event_idx);
 
     let mut out = Vec::new();
     for req in script() {

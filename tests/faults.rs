@@ -5,21 +5,18 @@
 
 mod common;
 
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::Duration;
 
 use common::{test_dir, wait_for, Daemon};
 use unidev_transports::vfio_user::virtio_driver::{
-    DriverMemory, DriverOptions, VirtioBlkRequest, VirtioPciDriver, Virtqueue,
+    DriverMemory, DriverOptions, VirtioBlkRequest, VirtioPciDriver,
 };
 use unidev_transports::vfio_user::VfioUserClient;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::GuestMemoryBackend;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vhost::vhost_user::Frontend;
+use vhost::VhostBackend;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 const CYCLES: usize = 1000;
@@ -92,40 +89,14 @@ fn vfio_user_cycle(sock: &Path, n: usize) {
 
 /// A vhost-user frontend life: memory table, one ring, writes in flight, gone.
 fn vhost_user_cycle(sock: &Path, n: usize) {
-    let mut fe = Frontend::connect(sock, 1).unwrap();
-    fe.set_owner().unwrap();
-    let offered = fe.get_features().unwrap();
-    fe.set_features(offered & ((1 << 32) | (1 << 30))).unwrap();
-    let pf = fe.get_protocol_features().unwrap();
-    fe.set_protocol_features(pf & VhostUserProtocolFeatures::MQ)
-        .unwrap();
     let mem = DriverMemory::new(1 << 20, 0x1_0000_0000).unwrap();
-    let region = mem.guest_memory().iter().next().unwrap();
-    let mut info = VhostUserMemoryRegionInfo::from_guest_region(region).unwrap();
-    info.mmap_handle = mem.file().as_raw_fd();
-    fe.set_mem_table(&[info]).unwrap();
-    let host = |iova: u64| info.userspace_addr + (iova - mem.iova_base());
-    let mut vq = Virtqueue::new(&mem, 0, 64, false).unwrap();
-    fe.set_vring_num(0, 64).unwrap();
-    fe.set_vring_base(0, 0).unwrap();
-    fe.set_vring_addr(
-        0,
-        &VringConfigData {
-            queue_max_size: 64,
-            queue_size: 64,
-            flags: 0,
-            desc_table_addr: host(vq.desc_iova()),
-            used_ring_addr: host(vq.used_iova()),
-            avail_ring_addr: host(vq.avail_iova()),
-            log_addr: None,
-        },
-    )
-    .unwrap();
-    let kick = EventFd::new(EFD_NONBLOCK).unwrap();
-    let call = EventFd::new(EFD_NONBLOCK).unwrap();
-    fe.set_vring_call(0, &call).unwrap();
-    fe.set_vring_kick(0, &kick).unwrap();
-    fe.set_vring_enable(0, true).unwrap();
+    let common::VhostUserRing { mut vq, kick, .. } = common::vhost_user_ring(
+        sock,
+        &mem,
+        (1 << 32) | (1 << 30),
+        VhostUserProtocolFeatures::MQ,
+        64,
+    );
     for i in 0..4u64 {
         let req = VirtioBlkRequest::write(i * 8, &[n as u8; 4096]);
         let buf = mem.alloc(req.buffer_len(), 64).unwrap();

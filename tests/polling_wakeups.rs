@@ -3,7 +3,6 @@
 //! again. Requests posted at every phase of that cycle (while it polls, just as the poll
 //! budget ends, after it sleeps) must each complete, with and without EVENT_IDX.
 
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,13 +10,9 @@ use unidev_backends::virtio_blk::{BlkOptions, VirtioBlk, VIRTIO_ID_BLOCK};
 use unidev_core::memory::DmaSpace;
 use unidev_core::virtio::{DispatchOptions, LocalVirtio};
 use unidev_transports::listener;
-use unidev_transports::vfio_user::virtio_driver::{DriverMemory, VirtioBlkRequest, Virtqueue};
+use unidev_transports::vfio_user::virtio_driver::{DriverMemory, VirtioBlkRequest};
 use unidev_transports::vhost_user::VhostUserServer;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::GuestMemoryBackend;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 mod common;
 
@@ -51,42 +46,11 @@ fn run(event_idx: bool) {
     let stop = server.stop_handle();
     let thread = std::thread::spawn(move || server.run().unwrap());
 
-    let mut fe = Frontend::connect(&sock, 1).unwrap();
-    fe.set_owner().unwrap();
-    let offered = fe.get_features().unwrap();
-    let features =
-        offered & (VERSION_1 | PROTOCOL_FEATURES | if event_idx { EVENT_IDX } else { 0 });
-    fe.set_features(features).unwrap();
-    let pf = fe.get_protocol_features().unwrap();
-    fe.set_protocol_features(pf & VhostUserProtocolFeatures::MQ)
-        .unwrap();
     let mem = DriverMemory::new(4 << 20, 0x1_0000_0000).unwrap();
-    let region = mem.guest_memory().iter().next().unwrap();
-    let mut info = VhostUserMemoryRegionInfo::from_guest_region(region).unwrap();
-    info.mmap_handle = mem.file().as_raw_fd();
-    fe.set_mem_table(&[info]).unwrap();
-    let host = |iova: u64| info.userspace_addr + (iova - mem.iova_base());
-    let mut vq = Virtqueue::new(&mem, 0, 64, event_idx).unwrap();
-    fe.set_vring_num(0, 64).unwrap();
-    fe.set_vring_base(0, 0).unwrap();
-    fe.set_vring_addr(
-        0,
-        &VringConfigData {
-            queue_max_size: 64,
-            queue_size: 64,
-            flags: 0,
-            desc_table_addr: host(vq.desc_iova()),
-            used_ring_addr: host(vq.used_iova()),
-            avail_ring_addr: host(vq.avail_iova()),
-            log_addr: None,
-        },
-    )
-    .unwrap();
-    let kick = EventFd::new(EFD_NONBLOCK).unwrap();
-    let call = EventFd::new(EFD_NONBLOCK).unwrap();
-    fe.set_vring_call(0, &call).unwrap();
-    fe.set_vring_kick(0, &kick).unwrap();
-    fe.set_vring_enable(0, true).unwrap();
+    let features = VERSION_1 | PROTOCOL_FEATURES | if event_idx { EVENT_IDX } else { 0 };
+    let ring = common::vhost_user_ring(&sock, &mem, features, VhostUserProtocolFeatures::MQ, 64);
+    let (fe, mut vq, kick) = (ring.fe, ring.vq, ring.kick);
+    assert_eq!(vq.event_idx(), event_idx);
 
     // Gaps around the poll budget: inside it, at its edge, and well past it (asleep).
     let gaps_us = [0u64, 5, 30, 45, 50, 55, 70, 120, 400, 2000];

@@ -3,7 +3,6 @@
 //! requests above the device's 64 KiB cap are truncated, device-readable buffers are left
 //! alone — with and without EVENT_IDX.
 
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,11 +12,10 @@ use unidev_core::virtio::{DispatchOptions, LocalVirtio};
 use unidev_transports::listener;
 use unidev_transports::vfio_user::virtio_driver::{DriverMemory, Virtqueue};
 use unidev_transports::vhost_user::VhostUserServer;
-use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
-use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::GuestMemoryBackend;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::VhostUserFrontend;
+use vhost::VhostBackend;
+use vmm_sys_util::eventfd::EventFd;
 
 mod common;
 
@@ -55,50 +53,20 @@ fn run(event_idx: bool) {
     let stop = server.stop_handle();
     let thread = std::thread::spawn(move || server.run().unwrap());
 
-    let mut fe = Frontend::connect(&sock, 1).unwrap();
-    fe.set_owner().unwrap();
-    let offered = fe.get_features().unwrap();
-    assert_ne!(offered & VERSION_1, 0);
-    assert_ne!(offered & EVENT_IDX, 0, "virtio-rng offers EVENT_IDX");
-    let pf = fe.get_protocol_features().unwrap();
-    fe.set_protocol_features(
-        pf & (VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::MQ),
-    )
-    .unwrap();
-    fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-    let features = VERSION_1 | PROTOCOL_FEATURES | if event_idx { EVENT_IDX } else { 0 };
-    fe.set_features(features).unwrap();
-    assert_eq!(fe.get_queue_num().unwrap(), 1);
-
     let mem = DriverMemory::new(16 << 20, 0x1_0000_0000).unwrap();
-    let gm = mem.guest_memory();
-    let region = gm.iter().next().unwrap();
-    let mut info = VhostUserMemoryRegionInfo::from_guest_region(region).unwrap();
-    info.mmap_handle = mem.file().as_raw_fd();
-    fe.set_mem_table(&[info]).unwrap();
-    let host = |iova: u64| info.userspace_addr + (iova - mem.iova_base());
-
-    let mut vq = Virtqueue::new(&mem, 0, QSIZE, event_idx).unwrap();
-    fe.set_vring_num(0, QSIZE).unwrap();
-    fe.set_vring_base(0, 0).unwrap();
-    fe.set_vring_addr(
-        0,
-        &VringConfigData {
-            queue_max_size: QSIZE,
-            queue_size: QSIZE,
-            flags: 0,
-            desc_table_addr: host(vq.desc_iova()),
-            used_ring_addr: host(vq.used_iova()),
-            avail_ring_addr: host(vq.avail_iova()),
-            log_addr: None,
-        },
-    )
-    .unwrap();
-    let kick = EventFd::new(EFD_NONBLOCK).unwrap();
-    let call = EventFd::new(EFD_NONBLOCK).unwrap();
-    fe.set_vring_call(0, &call).unwrap();
-    fe.set_vring_kick(0, &kick).unwrap();
-    fe.set_vring_enable(0, true).unwrap();
+    let features = VERSION_1 | PROTOCOL_FEATURES | if event_idx { EVENT_IDX } else { 0 };
+    let ring = common::vhost_user_ring(
+        &sock,
+        &mem,
+        features,
+        VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::MQ,
+        QSIZE,
+    );
+    assert_ne!(ring.offered & VERSION_1, 0);
+    assert_ne!(ring.offered & EVENT_IDX, 0, "virtio-rng offers EVENT_IDX");
+    let (mut fe, mut vq, kick) = (ring.fe, ring.vq, ring.kick);
+    assert_eq!(vq.event_idx(), event_idx);
+    assert_eq!(fe.get_queue_num().unwrap(), 1);
 
     // Buffers of many sizes, each filled with random bytes; no two alike.
     let mut seen = Vec::new();
