@@ -1,7 +1,8 @@
 //! Faults against the daemon process: clients that die in the middle of I/O, over and
 //! over, on both transports (no fd leak, bounded memory, still serving); a SIGKILLed
 //! daemon after an acknowledged FLUSH (nothing flushed is lost); a backing file system
-//! that runs out of space (the request fails, the device goes on).
+//! that runs out of space (the request fails, the device goes on); a frontend that
+//! truncates the memory it shared (the daemon survives the SIGBUS).
 
 mod common;
 
@@ -358,4 +359,76 @@ fn stalled_clients_do_not_stall_other_devices() {
     let fe = Frontend::connect(sock("vblk"), 1).unwrap();
     fe.set_owner().unwrap();
     assert_ne!(fe.get_features().unwrap() & (1 << 32), 0);
+}
+
+/// A vhost-user frontend shares memory the daemon cannot seal (a memfd without
+/// MFD_ALLOW_SEALING, like a tmpfs or hugetlbfs file) and cuts it short under a request's
+/// buffers: the device's accesses to the cut pages raise SIGBUS, which used to kill the
+/// daemon and every device in it. The request completes (its data is gone with the
+/// memory), the daemon logs what happened, and it serves the next frontend.
+#[test]
+fn a_frontend_truncating_its_shared_memory_does_not_kill_the_daemon() {
+    let dir = test_dir("faults-truncate");
+    let image = dir.join("disk.img");
+    std::fs::write(&image, vec![0x3cu8; 1 << 20]).unwrap();
+    let mut daemon = serve_blk(&dir, "trunc", "vhost-user", &image);
+    let sock = dir.join("trunc.sock");
+    let mem = DriverMemory::new(1 << 20, 0x1_0000_0000).unwrap();
+    let common::VhostUserRing {
+        mut vq, kick, fe, ..
+    } = common::vhost_user_ring(
+        &sock,
+        &mem,
+        (1 << 32) | (1 << 30),
+        // REPLY_ACK: every message is handled before the memory is cut.
+        VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK,
+        64,
+    );
+    // The rings sit at the start of the memory; the request's buffers past 512 KiB.
+    let _pad = mem.alloc(512 << 10, 4096).unwrap();
+    let req = VirtioBlkRequest::read(0, 4096);
+    let buf = mem.alloc(req.buffer_len(), 4096).unwrap();
+    assert!(buf.iova >= mem.iova_base() + (512 << 10));
+    let placed = req.place(&mem, buf.iova).unwrap();
+    vq.add_chain(&placed.chain).unwrap();
+    mem.file()
+        .set_len(512 << 10)
+        .expect("the memfd is not sealed");
+    kick.write(1).unwrap();
+    wait_for(10, "the request on truncated memory to complete", || {
+        matches!(vq.poll_used(), Ok(Some(_)))
+    });
+    assert!(
+        daemon.child.try_wait().unwrap().is_none(),
+        "the daemon died of the truncation; log:\n{}",
+        daemon.log_text()
+    );
+    drop((vq, kick, fe));
+
+    // A new frontend (its SET_MEM_TABLE retires the old mapping) is served normally.
+    let mem = DriverMemory::new(1 << 20, 0x1_0000_0000).unwrap();
+    let common::VhostUserRing { mut vq, kick, .. } = common::vhost_user_ring(
+        &sock,
+        &mem,
+        (1 << 32) | (1 << 30),
+        VhostUserProtocolFeatures::MQ,
+        64,
+    );
+    let req = VirtioBlkRequest::read(0, 4096);
+    let buf = mem.alloc(req.buffer_len(), 64).unwrap();
+    let placed = req.place(&mem, buf.iova).unwrap();
+    vq.add_chain(&placed.chain).unwrap();
+    kick.write(1).unwrap();
+    wait_for(10, "a request of the next frontend", || {
+        matches!(vq.poll_used(), Ok(Some(_)))
+    });
+    let mut status = [0u8; 1];
+    mem.read(placed.status_iova, &mut status).unwrap();
+    assert_eq!(status[0], S_OK);
+    let mut data = vec![0u8; 4096];
+    mem.read(placed.in_iova, &mut data).unwrap();
+    assert!(data.iter().all(|&b| b == 0x3c));
+    wait_for(10, "the truncation to be logged", || {
+        daemon.log_text().contains("truncated under its mapping")
+    });
 }

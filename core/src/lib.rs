@@ -17,3 +17,5 @@ pub mod irq;
 pub mod memory;
 pub mod pci;
 pub mod virtio;
+
+mod truncation_guard;

@@ -21,7 +21,10 @@
 //! time, and a memfd that allows sealing is sealed against shrinking
 //! (`F_SEAL_SHRINK`) so the client cannot cut it short afterwards (QEMU's
 //! `memory-backend-memfd` seals its memfds itself). Files that cannot be sealed (tmpfs or
-//! hugetlbfs files) are accepted; their clients are trusted not to truncate them.
+//! hugetlbfs files, memfds without `MFD_ALLOW_SEALING`) are accepted and guarded instead:
+//! if the client truncates one under its mapping, the SIGBUS of the next device access is
+//! absorbed and the access reads zeros (see `truncation_guard`), so the daemon and its
+//! other devices go on.
 //!
 //! Lookups use a `BTreeMap` keyed by IOVA (O(log n)), and the snapshot is vm-memory's
 //! sorted region vector (binary search), so tens of thousands of maps stay fast. Adding a
@@ -357,7 +360,14 @@ impl DmaSpace {
         }
         // mmap outside the lock: it can be slow for large maps.
         let region = match backing {
-            Some(b) => Some(Arc::new(Self::mmap(iova, size, prot, b)?)),
+            Some(b) => {
+                let (region, guard_page) = Self::mmap(iova, size, prot, b)?;
+                let region = Arc::new(region);
+                if let Some(page) = guard_page {
+                    crate::truncation_guard::guard(&region, page);
+                }
+                Some(region)
+            }
             None => None,
         };
         let mut table = self.lock_table();
@@ -390,12 +400,14 @@ impl DmaSpace {
         table.maps.range(iova..end).next().is_some()
     }
 
+    /// Map `backing`; also returns the page size to guard the mapping with when its file
+    /// could not be sealed against shrinking.
     fn mmap(
         iova: u64,
         size: u64,
         prot: Prot,
         backing: FdBacking,
-    ) -> Result<GuestRegionMmap, MemoryError> {
+    ) -> Result<(GuestRegionMmap, Option<usize>), MemoryError> {
         let invalid = |why| MemoryError::InvalidRange { iova, size, why };
         let len = usize::try_from(size).map_err(|_| invalid("size too large"))?;
         let end = backing
@@ -409,11 +421,14 @@ impl DmaSpace {
         // Regular files (what clients share) must hold the range and are sealed where
         // possible. Kernel-made files (VDUSE's bounce domain, an anonymous inode) report
         // no size; transports decide which kinds of file their peers may send.
+        let mut guard_page = None;
         if meta.file_type().is_file() {
             if end > meta.len() {
                 return Err(invalid("the range runs past the end of the file"));
             }
-            seal_against_shrinking(&backing.file);
+            if !seal_against_shrinking(&backing.file) {
+                guard_page = Some(file_page_size(&backing.file));
+            }
         }
         // Read-only maps become private copy-on-write mappings: a device writing to them
         // never reaches client memory and cannot fault.
@@ -435,11 +450,13 @@ impl DmaSpace {
                     other => io::Error::new(io::ErrorKind::InvalidInput, other.to_string()),
                 },
             })?;
-        GuestRegionMmap::new(mmap, GuestAddress(iova)).ok_or(MemoryError::InvalidRange {
-            iova,
-            size,
-            why: "range ends past the address space",
-        })
+        let region =
+            GuestRegionMmap::new(mmap, GuestAddress(iova)).ok_or(MemoryError::InvalidRange {
+                iova,
+                size,
+                why: "range ends past the address space",
+            })?;
+        Ok((region, guard_page))
     }
 
     /// Remove the map that is exactly `iova..iova+size` and publish the snapshot.
@@ -460,6 +477,7 @@ impl DmaSpace {
             if changed {
                 self.notify_listeners();
             }
+            crate::truncation_guard::sweep();
         }
         Ok(removed)
     }
@@ -475,6 +493,7 @@ impl DmaSpace {
         if changed {
             self.notify_listeners();
         }
+        crate::truncation_guard::sweep();
         n
     }
 
@@ -613,19 +632,55 @@ impl DmaSpace {
     }
 }
 
+/// How many device accesses to client memory that its client truncated under the
+/// mapping (an unsealable file) were absorbed: each read zeros instead of killing the
+/// daemon with SIGBUS. Process-wide; also logged at the next map change.
+pub fn truncated_accesses_absorbed() -> u64 {
+    crate::truncation_guard::faults_absorbed()
+}
+
 /// Seal a client's memfd against shrinking if it allows sealing and is not sealed yet:
-/// a shrink under a mapping would make device accesses SIGBUS. Files that cannot be
-/// sealed are left as they are (see the module doc).
-fn seal_against_shrinking(file: &File) {
+/// a shrink under a mapping would make device accesses SIGBUS. Returns whether the file
+/// can no longer shrink; files that cannot be sealed are guarded instead (module doc).
+fn seal_against_shrinking(file: &File) -> bool {
     use std::os::fd::AsRawFd;
     let fd = file.as_raw_fd();
     // SAFETY: F_GET_SEALS on a valid descriptor; failure (not a memfd) is checked.
     let seals = unsafe { libc::fcntl(fd, libc::F_GET_SEALS) };
-    if seals < 0 || seals & libc::F_SEAL_SHRINK != 0 || seals & libc::F_SEAL_SEAL != 0 {
-        return;
+    if seals < 0 {
+        return false;
     }
-    // SAFETY: F_ADD_SEALS with a valid seal on a valid descriptor; failure is harmless.
-    unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) };
+    if seals & libc::F_SEAL_SHRINK != 0 {
+        return true;
+    }
+    if seals & libc::F_SEAL_SEAL != 0 {
+        return false;
+    }
+    // SAFETY: F_ADD_SEALS with a valid seal on a valid descriptor; failure is checked.
+    unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) == 0 }
+}
+
+/// The granule in which the file's pages are mapped: the huge page size on hugetlbfs,
+/// the system page size elsewhere (a power of two either way).
+fn file_page_size(file: &File) -> usize {
+    use std::os::fd::AsRawFd;
+    // SAFETY: sysconf has no memory effects.
+    let system = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    // SAFETY: a zeroed statfs is a valid out-buffer for fstatfs.
+    let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs writes into `fs`, which lives for the call.
+    let hugetlbfs = unsafe { libc::fstatfs(file.as_raw_fd(), &mut fs) } == 0
+        && fs.f_type == libc::HUGETLBFS_MAGIC;
+    let page = if hugetlbfs {
+        usize::try_from(fs.f_bsize).unwrap_or(system)
+    } else {
+        system
+    };
+    if page.is_power_of_two() {
+        page.max(system)
+    } else {
+        system
+    }
 }
 
 #[cfg(test)]
@@ -897,5 +952,52 @@ mod tests {
         // The client can no longer cut the memory short under the device.
         assert!(f.set_len(0x1000).is_err(), "shrinking a mapped memfd");
         assert!(f.set_len(0x8000).is_ok(), "growing is harmless");
+    }
+
+    #[test]
+    fn a_client_truncating_unsealable_memory_does_not_kill_the_device() {
+        use vm_memory::GuestAddressSpace;
+        let dma = DmaSpace::default();
+        // A memfd made without MFD_ALLOW_SEALING cannot be sealed: like a tmpfs or
+        // hugetlbfs file, the client can shrink it while the device has it mapped.
+        let f = memfd(0x4000);
+        let mut pattern = vec![0xa5u8; 0x4000];
+        std::os::unix::fs::FileExt::write_all_at(&f, &pattern, 0).unwrap();
+        dma.map(MapRequest {
+            iova: 0x10000,
+            size: 0x4000,
+            prot: Prot::READ_WRITE,
+            backing: Some(FdBacking {
+                file: f.try_clone().unwrap(),
+                offset: 0,
+            }),
+        })
+        .unwrap();
+        dma.publish();
+        let before = truncated_accesses_absorbed();
+        f.set_len(0x1000).expect("an unsealable file can shrink");
+        // The first page is still backed; the rest faulted (SIGBUS) before the guard and
+        // now reads zeros through both the snapshot and the DmaSpace accessors.
+        let mem = dma.snapshot().memory();
+        let mut buf = vec![0u8; 0x4000];
+        mem.read_slice(&mut buf, GuestAddress(0x10000)).unwrap();
+        assert_eq!(&buf[..0x1000], &pattern[..0x1000]);
+        assert!(
+            buf[0x1000..].iter().all(|&b| b == 0),
+            "cut pages read zeros"
+        );
+        assert!(truncated_accesses_absorbed() > before);
+        dma.write(0x13000, &[1, 2, 3]).unwrap();
+        dma.read(0x12ff0, &mut buf[..32]).unwrap();
+        assert_eq!(&buf[16..19], &[1, 2, 3], "the replacement page is usable");
+        // Growing the file back does not resurrect the client's view for the device:
+        // its memory is gone; only the pages still backed are shared.
+        pattern[0] = 0x5a;
+        std::os::unix::fs::FileExt::write_all_at(&f, &pattern[..1], 0).unwrap();
+        mem.read_slice(&mut buf[..1], GuestAddress(0x10000))
+            .unwrap();
+        assert_eq!(buf[0], 0x5a, "the uncut page stays shared");
+        drop(mem);
+        dma.unmap(0x10000, 0x4000).unwrap();
     }
 }
