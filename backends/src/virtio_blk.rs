@@ -7,7 +7,9 @@
 //! * One worker thread per queue (`queues_per_thread()` = `1 << i`); each thread has its
 //!   own scratch space (descriptor lists, used entries, an O_DIRECT bounce buffer), so
 //!   the data path allocates nothing once warm.
-//! * Requests: IN, OUT, FLUSH (`fdatasync`, completed only after it returns), GET_ID,
+//! * Requests: IN, OUT, FLUSH (`fdatasync`, completed only after it returns; once an
+//!   `fdatasync` of a file used through the page cache failed, every later one is failed
+//!   too, see `VirtioBlk::sync`), GET_ID,
 //!   DISCARD (hole punching, `BLKDISCARD` on block devices), WRITE_ZEROES (zero range,
 //!   hole punching when the driver allows unmap, or plain zero writes). Until the driver
 //!   negotiates VIRTIO_BLK_F_FLUSH the device is write-through, as QEMU is.
@@ -202,6 +204,9 @@ pub struct VirtioBlk {
     event_idx: AtomicBool,
     /// VIRTIO_BLK_F_FLUSH negotiated: writes may stay in the host cache until FLUSH.
     writeback: AtomicBool,
+    /// An `fdatasync` failed on a file used through the page cache: what the disk holds
+    /// is unknown from then on, and no later flush may report success.
+    sync_failed: AtomicBool,
     scratch: Vec<Mutex<Scratch>>,
     exit: Vec<Mutex<Option<EventNotifier>>>,
 }
@@ -480,6 +485,7 @@ impl VirtioBlk {
             mem: RwLock::new(None),
             event_idx: AtomicBool::new(false),
             writeback: AtomicBool::new(false),
+            sync_failed: AtomicBool::new(false),
             scratch: (0..threads).map(|_| Mutex::new(Scratch::new())).collect(),
             exit: (0..threads).map(|_| Mutex::new(None)).collect(),
             opts,
@@ -659,14 +665,37 @@ impl VirtioBlk {
         }
     }
 
+    /// Make the writes so far stable (`fdatasync`).
+    ///
+    /// After a failed `fdatasync` of a file written through the page cache (no
+    /// O_DIRECT), Linux may have marked the pages it could not write back clean, or
+    /// dropped them, and reports the error once: the next `fdatasync` succeeds although
+    /// those writes never reached the disk. So the first failure is remembered and every
+    /// later sync fails too, until the device is opened again (QEMU's file-posix does
+    /// the same). With O_DIRECT the page cache holds none of the device's writes, and
+    /// each sync stands alone.
     fn sync(&self, what: &str) -> Status {
         if self.opts.null_io {
             return S_OK;
+        }
+        if self.sync_failed.load(Ordering::Acquire) {
+            debug!(
+                "virtio-blk: {}: {what}: failed, an earlier sync failed",
+                self.opts.path.display()
+            );
+            return S_IOERR;
         }
         match self.file.sync_data() {
             Ok(()) => S_OK,
             Err(e) => {
                 warn!("virtio-blk: {}: {what}: {e}", self.opts.path.display());
+                if !self.opts.direct && !self.sync_failed.swap(true, Ordering::AcqRel) {
+                    warn!(
+                        "virtio-blk: {}: writes may be lost in the host page cache; \
+                         every later flush fails until the device is opened again",
+                        self.opts.path.display()
+                    );
+                }
                 S_IOERR
             }
         }
@@ -2083,6 +2112,49 @@ mod tests {
                 IOERR
             );
             assert_eq!(r.request(&b, VIRTIO_BLK_T_IN, 0, &[(DATA, 512, W)]).0, OK);
+        }
+    }
+
+    #[test]
+    fn a_failed_sync_through_the_page_cache_fails_every_later_sync() {
+        // fdatasync of /dev/null fails (EINVAL); a regular file dup2'ed over the same
+        // descriptor afterwards is the fault healing.
+        for direct in [false, true] {
+            let Ok(null) = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/null")
+            else {
+                return;
+            };
+            let opts = BlkOptions {
+                path: "/dev/null".into(),
+                direct,
+                ..BlkOptions::default()
+            };
+            let b = VirtioBlk::with_file(null, IMAGE as u64, false, opts).unwrap();
+            let mut r = Rig::new(&b, false);
+            // Write-through (no FLUSH negotiated): the write is done, its sync fails.
+            r.fill(DATA, &[1; 512]);
+            let write = |r: &mut Rig| r.request(&b, VIRTIO_BLK_T_OUT, 0, &[(DATA, 512, R)]).0;
+            assert_eq!(write(&mut r), IOERR, "direct {direct}");
+            assert_eq!(r.request(&b, VIRTIO_BLK_T_FLUSH, 0, &[]).0, IOERR);
+            assert_eq!(b.sync_failed.load(Ordering::Acquire), !direct);
+
+            let img = Image::new(&format!("sync-heals-{direct}"));
+            let good = File::options().read(true).write(true).open(&img.0).unwrap();
+            // SAFETY: both descriptors are open; dup2 atomically makes the device's
+            // descriptor (still owned by its File) refer to the image file instead.
+            let rc = unsafe { libc::dup2(good.as_raw_fd(), b.file.as_raw_fd()) };
+            assert!(rc >= 0, "{}", io::Error::last_os_error());
+            // Through the page cache: still failed; with O_DIRECT: healed.
+            let expect = if direct { OK } else { IOERR };
+            assert_eq!(r.request(&b, VIRTIO_BLK_T_FLUSH, 0, &[]).0, expect);
+            assert_eq!(write(&mut r), expect, "direct {direct}");
+            // Reads go on either way (the write reached the file, only its sync failed).
+            let at = DATA + 0x1000;
+            assert_eq!(r.request(&b, VIRTIO_BLK_T_IN, 0, &[(at, 512, W)]).0, OK);
+            assert_eq!(r.read(at, 512), vec![1; 512]);
         }
     }
 
