@@ -30,6 +30,7 @@ use unidev_compat::vhost_user_proxy::VhostUserProxy;
 use unidev_core::dispatch::{EventLoop, StopHandle};
 use unidev_core::memory::DmaSpace;
 use unidev_core::pci::SharedPciDevice;
+use unidev_core::sandbox::SeccompPolicy;
 use unidev_core::virtio::{
     DispatchOptions, LocalVirtio, VirtioDevice, VirtioPci, VirtioPciOptions,
 };
@@ -93,6 +94,37 @@ enum AttachArg {
     VhostVdpa,
 }
 
+/// The seccomp policy of the threads that handle guest data (`unidev_core::sandbox`).
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum SeccompArg {
+    /// No filter.
+    Off,
+    /// Calls outside the allow-list are allowed and logged by the kernel (audit).
+    Log,
+    /// Calls outside the allow-list kill the daemon with SIGSYS.
+    Kill,
+}
+
+impl SeccompArg {
+    fn policy(self) -> SeccompPolicy {
+        match self {
+            SeccompArg::Off => SeccompPolicy::Off,
+            SeccompArg::Log => SeccompPolicy::Log,
+            SeccompArg::Kill => SeccompPolicy::Kill,
+        }
+    }
+}
+
+/// Set the process's seccomp policy before any device starts.
+fn set_seccomp(policy: SeccompPolicy) -> Result<(), String> {
+    unidev_core::sandbox::set_worker_policy(policy)
+        .map_err(|e| format!("cannot set the seccomp policy: {e}"))?;
+    if policy != SeccompPolicy::Off {
+        info!("worker threads run under a seccomp filter ({policy})");
+    }
+    Ok(())
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 enum LayoutArg {
     /// QEMU's layout (u32 count, data at 12).
@@ -138,6 +170,11 @@ struct ServeArgs {
     /// Seconds a client may stall inside a message before it is dropped.
     #[arg(long, default_value_t = 10)]
     io_timeout_secs: u64,
+    /// Seccomp filter of the threads that handle guest data (vring workers, interrupt
+    /// relays, the VDUSE thread): off, log (calls outside the allow-list are logged by
+    /// the kernel) or kill (they kill the daemon with SIGSYS).
+    #[arg(long, value_enum, default_value = "off")]
+    seccomp: SeccompArg,
     /// VDUSE: the device name (/dev/vduse/NAME, and the vDPA device's name).
     #[arg(long, conflicts_with_all = ["socket_path", "fd"], required_if_eq("transport", "vduse"))]
     name: Option<String>,
@@ -550,6 +587,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     if args.name.is_some() || args.attach.is_some() {
         return Err("--name and --attach apply to --transport vduse only".into());
     }
+    set_seccomp(args.seccomp.policy())?;
     let name = device_name(&args.device);
     let dma = Arc::new(DmaSpace::new(args.max_dma_maps));
     let device = make_device(&args.device, dma.clone(), args.transport)?;
@@ -605,6 +643,7 @@ fn serve_vduse(args: ServeArgs) -> Result<(), String> {
         .name
         .clone()
         .ok_or("--transport vduse needs --name NAME (the /dev/vduse/NAME device)")?;
+    set_seccomp(args.seccomp.policy())?;
     let dma = Arc::new(DmaSpace::new(args.max_dma_maps));
     let Built::Virtio(device) = make_device(&args.device, dma.clone(), Transport::Vduse)? else {
         return Err(format!(
@@ -646,7 +685,7 @@ fn countdown(n: usize, wake: StopHandle) -> impl Fn() -> Box<dyn FnOnce() + Send
 }
 
 fn run(path: &std::path::Path) -> Result<(), String> {
-    let specs = config::load(path).map_err(|errors| {
+    let config = config::load(path).map_err(|errors| {
         format!(
             "{} problem(s) in {}; nothing started:\n  {}",
             errors.len(),
@@ -654,6 +693,8 @@ fn run(path: &std::path::Path) -> Result<(), String> {
             errors.join("\n  ")
         )
     })?;
+    set_seccomp(config.seccomp)?;
+    let specs = config.devices;
     // Build every device before any socket appears: a bad image file stops the start.
     let mut built = Vec::with_capacity(specs.len());
     for s in &specs {
@@ -680,9 +721,15 @@ fn run(path: &std::path::Path) -> Result<(), String> {
             kernel_devices.push((s, device, dma));
             continue;
         };
-        let server = listener::bind(socket, s.socket_mode)
+        let settings = ServerSettings {
+            peers: PeerPolicy {
+                allowed_uids: s.allowed_uids.clone(),
+            },
+            ..ServerSettings::default()
+        };
+        let server = listener::bind_with(socket, s.socket_mode, s.socket_group)
             .map_err(|e| e.to_string())
-            .and_then(|l| make_server(&s.name, device, dma, l, &ServerSettings::default()))
+            .and_then(|l| make_server(&s.name, device, dma, l, &settings))
             .map_err(|e| {
                 cleanup(&bound);
                 format!("{}: {e}; nothing started", s.location)
@@ -788,6 +835,7 @@ fn demo() -> Result<(), String> {
         max_data_xfer_size: 1 << 20,
         dma_rw_layout: LayoutArg::Qemu,
         io_timeout_secs: 10,
+        seccomp: SeccompArg::Off,
         name: None,
         attach: None,
         vduse_control: PathBuf::from(DEFAULT_CONTROL_PATH),

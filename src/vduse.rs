@@ -6,7 +6,9 @@
 //! The transport itself is `unidev_transports::vduse` (kernel
 //! `Documentation/userspace-api/vduse.rst`, `include/uapi/linux/vduse.h`, and the vDPA
 //! generic netlink family of `include/uapi/linux/vdpa.h`); this module only orders its
-//! steps. Left-over devices (see `unidev_transports::vduse::server`):
+//! steps. The serving thread starts under the process's seccomp policy
+//! (`unidev_core::sandbox`, role `KernelTransport` with the server's ioctls). Left-over
+//! devices (see `unidev_transports::vduse::server`):
 //! * attached and not broken: taken over — the vDPA device the dead daemon added is kept
 //!   if it is bound to the requested driver, and removed on shutdown like one added here;
 //! * broken (the kernel gave up waiting for an answer): removed from the vDPA bus
@@ -16,11 +18,11 @@
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use log::{error, info, warn};
 use unidev_core::dispatch::StopHandle;
 use unidev_core::memory::DmaSpace;
+use unidev_core::sandbox::{self, SandboxedThread};
 use unidev_core::virtio::VirtioDevice;
 use unidev_transports::vduse::{
     adopt_attachment, attach, device_exists, Attachment, NetlinkVdpa, VdpaBus, VdpaDriver,
@@ -42,7 +44,7 @@ pub struct VduseSettings {
 pub struct RunningVduse {
     name: String,
     stop: StopHandle,
-    thread: JoinHandle<io::Result<()>>,
+    thread: SandboxedThread<io::Result<()>>,
     attachment: Option<Attachment<NetlinkVdpa>>,
 }
 
@@ -74,14 +76,18 @@ pub fn start(
     .map_err(|e| e.to_string())?;
     let took_over = server.took_over();
     let stop = server.stop_handle();
-    let thread = std::thread::Builder::new()
-        .name(format!("vduse-{name}"))
-        .spawn(move || {
-            let result = server.run();
-            on_exit();
-            result
-        })
-        .map_err(|e| format!("cannot start the VDUSE thread: {e}"))?;
+    // The thread answers the kernel's requests (IOTLB updates, queue set-up driven by
+    // the guest's driver): it starts under the process's seccomp policy, with the ioctls
+    // it issues; if the filter cannot be installed, the device does not start.
+    let role = sandbox::Role::KernelTransport {
+        ioctls: VduseServer::run_ioctls(),
+    };
+    let thread = sandbox::spawn(format!("vduse-{name}"), role, move || {
+        let result = server.run();
+        on_exit();
+        result
+    })
+    .map_err(|e| format!("cannot start the VDUSE thread: {e}"))?;
     let mut running = RunningVduse {
         name: name.clone(),
         stop,

@@ -1,5 +1,6 @@
 //! The daemon's command line and lifecycle: socket creation rules, socket activation,
-//! signals, and clear errors.
+//! signals, clear errors; socket group and uid allow-list from the command line and from
+//! a devices file.
 
 mod common;
 
@@ -256,4 +257,65 @@ fn socket_group_and_allowed_uids() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no group named"), "{err}");
+}
+
+#[test]
+fn socket_group_and_allowed_uids_in_a_devices_file() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = test_dir("peers-file");
+    // SAFETY: getuid has no preconditions.
+    let me = unsafe { libc::getuid() };
+    let (refused, served) = (dir.join("refused.sock"), dir.join("served.sock"));
+    let config = dir.join("devices.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[device]]\nname = \"refused\"\ntype = \"gpio\"\ntransport = \"vfio-user\"\n\
+             socket = \"{}\"\nsocket_mode = \"0660\"\nsocket_group = 4242\n\
+             allow_uids = [{}]\n\n\
+             [[device]]\nname = \"served\"\ntype = \"gpio\"\ntransport = \"vfio-user\"\n\
+             socket = \"{}\"\nsocket_group = \"4243\"\nallow_uids = [{}, {me}]\n",
+            refused.display(),
+            me.wrapping_add(1),
+            served.display(),
+            me.wrapping_add(7),
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start(&dir, "run", &["run", config.to_str().unwrap()]);
+    common::wait_for(20, "both sockets", || refused.exists() && served.exists());
+    let meta = std::fs::metadata(&refused).unwrap();
+    assert_eq!((meta.gid(), meta.mode() & 0o777), (4242, 0o660));
+    let meta = std::fs::metadata(&served).unwrap();
+    assert_eq!((meta.gid(), meta.mode() & 0o777), (4243, 0o600));
+    let answers = |sock: &std::path::Path| {
+        VfioUserClient::connect(sock)
+            .and_then(|mut c| c.device_info())
+            .is_ok()
+    };
+    assert!(answers(&served), "uid {me} is allowed:\n{}", d.log_text());
+    assert!(!answers(&refused), "uid {me} is not allowed");
+    common::wait_for(10, "the refusal in the log", || {
+        d.log_text().contains("refusing a connection")
+    });
+    // A group that does not exist stops the start, naming the device and line.
+    std::fs::write(
+        &config,
+        format!(
+            "[[device]]\nname = \"g\"\ntype = \"gpio\"\ntransport = \"vfio-user\"\n\
+             socket = \"{}\"\nsocket_group = \"no-such-group-here\"\n",
+            dir.join("g.sock").display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(unidev_bin())
+        .args(["run", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("devices.toml:1: device \"g\": no group named \"no-such-group-here\""),
+        "{err}"
+    );
 }

@@ -6,6 +6,7 @@
 //! * [`dispatch`] — the epoll event loop transports and device workers share.
 //! * [`virtio`] — virtio devices: any `VhostUserBackend` on the shared dispatch, and
 //!   the virtio-pci function that exports it to PCI transports.
+//! * [`sandbox`] — optional seccomp filters for the threads that handle guest data.
 //!
 //! The core knows no wire protocol: transports translate their messages into calls on
 //! these types, and backends implement devices against them without knowing which
@@ -16,6 +17,7 @@ pub mod dispatch;
 pub mod irq;
 pub mod memory;
 pub mod pci;
+pub mod sandbox;
 pub mod virtio;
 
 mod truncation_guard;

@@ -19,7 +19,9 @@
 //! position (GET_VRING_BASE) never moves afterwards.
 //!
 //! A worker's thread starts with the first of its queues, so a device no driver has set
-//! up costs no thread (many idle devices in one daemon).
+//! up costs no thread (many idle devices in one daemon). It starts under the process's
+//! seccomp policy ([`sandbox`](crate::sandbox)): filtered before it touches a ring, or,
+//! if the filter cannot be installed, not at all (the queue start fails).
 //!
 //! Adaptive polling (a per-device option): after handling a kick, a worker keeps
 //! checking the queue's available index for a bounded time before going back to sleep,
@@ -32,7 +34,6 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
@@ -46,6 +47,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::device::{QueueConfig, QueueError, VirtioDevice};
 use super::inflight::{InflightQueue, InflightRegion, RingLayout};
 use crate::memory::{DmaSpace, GuestMemorySnapshot};
+use crate::sandbox::{self, SandboxedThread};
 
 const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 const STOP_EVENT: u64 = u64::MAX;
@@ -62,7 +64,7 @@ pub struct DispatchOptions {
 }
 
 /// Starts a worker's thread.
-type SpawnWorker = Box<dyn FnOnce() -> io::Result<JoinHandle<()>> + Send>;
+type SpawnWorker = Box<dyn FnOnce() -> io::Result<SandboxedThread<()>> + Send>;
 
 struct Worker {
     epoll: Arc<OwnedFd>,
@@ -77,7 +79,7 @@ struct Worker {
 
 enum WorkerThread {
     NotStarted(SpawnWorker),
-    Running(JoinHandle<()>),
+    Running(SandboxedThread<()>),
     Gone,
 }
 
@@ -262,13 +264,17 @@ where
         };
         let ep = epoll_fd.clone();
         let busy = queues.busy.clone();
+        // The worker runs the backend on guest-controlled rings and buffers: it starts
+        // under the process's seccomp policy (crate::sandbox), or not at all.
         let spawn: SpawnWorker = Box::new(move || {
-            std::thread::Builder::new()
-                .name(format!("vring-worker-{thread_id}"))
-                .spawn(move || {
+            sandbox::spawn(
+                format!("vring-worker-{thread_id}"),
+                sandbox::Role::Worker,
+                move || {
                     let _keep = exit_consumer;
                     worker_loop(&ep, &queues, num_queues, options)
-                })
+                },
+            )
         });
         Ok(Worker {
             epoll: epoll_fd,

@@ -37,6 +37,7 @@ use crate::pci::{
     AccessError, Bar, Capability, ConfigSpace, Msix, PciDevice, PciRegion, RegionInfo, RegionMmap,
     SparseArea,
 };
+use crate::sandbox::{self, SandboxedThread};
 
 /// Virtio's PCI vendor ID.
 pub const VIRTIO_PCI_VENDOR: u16 = 0x1af4;
@@ -186,7 +187,7 @@ pub struct VirtioPci {
     /// The relay's loop until its thread starts (with the first queue: an idle function
     /// costs no thread), then its thread.
     relay_loop: Option<EventLoop>,
-    relay_thread: Option<std::thread::JoinHandle<()>>,
+    relay_thread: Option<SandboxedThread<()>>,
     kicks: Vec<EventFd>,
     notify_mem: Option<Arc<File>>,
     // Common configuration state.
@@ -343,17 +344,25 @@ impl VirtioPci {
 
     /// Start the relay thread if it has not started yet (queues signal it only once they
     /// run; its eventfds collect signals meanwhile).
+    /// It starts under the process's seccomp policy (crate::sandbox); if it could not
+    /// start, every later queue start fails too.
     fn ensure_relay(&mut self) -> io::Result<()> {
-        if let Some(mut lp) = self.relay_loop.take() {
-            let thread = std::thread::Builder::new()
-                .name("virtio-irq-relay".into())
-                .spawn(move || {
-                    if let Err(e) = lp.run() {
-                        warn!("virtio interrupt relay failed: {e}");
-                    }
-                })?;
-            self.relay_thread = Some(thread);
+        if self.relay_thread.is_some() {
+            return Ok(());
         }
+        let Some(mut lp) = self.relay_loop.take() else {
+            return Err(io::Error::other("the interrupt relay failed to start"));
+        };
+        let thread = sandbox::spawn(
+            "virtio-irq-relay".into(),
+            sandbox::Role::Worker,
+            move || {
+                if let Err(e) = lp.run() {
+                    warn!("virtio interrupt relay failed: {e}");
+                }
+            },
+        )?;
+        self.relay_thread = Some(thread);
         Ok(())
     }
 

@@ -251,6 +251,28 @@ impl VduseServer {
         })
     }
 
+    /// The ioctl requests [`run`](VduseServer::run) issues (on the device node and, to
+    /// destroy the device at the end, on the control device): the allow-list of a
+    /// seccomp-filtered serving thread (`unidev_core::sandbox::Role::KernelTransport`).
+    pub fn run_ioctls() -> Vec<u32> {
+        use super::uapi::{
+            VDUSE_DESTROY_DEV, VDUSE_DEV_GET_FEATURES, VDUSE_IOTLB_GET_FD, VDUSE_VQ_GET_INFO,
+            VDUSE_VQ_INJECT_IRQ, VDUSE_VQ_SETUP_KICKFD,
+        };
+        [
+            VDUSE_IOTLB_GET_FD(),
+            VDUSE_DEV_GET_FEATURES(),
+            VDUSE_VQ_GET_INFO(),
+            VDUSE_VQ_SETUP_KICKFD(),
+            VDUSE_VQ_INJECT_IRQ(),
+            VDUSE_DESTROY_DEV(),
+        ]
+        .into_iter()
+        // Request numbers are 32 bits (`_IOC`); the kernel compares only those.
+        .map(|nr| nr as u32)
+        .collect()
+    }
+
     /// The device name.
     pub fn name(&self) -> &str {
         &self.name
