@@ -17,6 +17,11 @@
 //!   fails: the 6.12 kernel has no timeout for it), the kernel stays responsive, and a new
 //!   unidev takes the device over — the waiting read completes, new writes land in the
 //!   image — then, after a clean stop, a third one creates it again.
+//!
+//! Every daemon runs with `--seccomp kill` (`seccomp = "kill"` in the devices file): its
+//! VDUSE thread and vring workers show `Seccomp: 2` while it serves, and the guest's
+//! kernel (booted with `audit=1`) logs no seccomp violation. `UNIDEV_E2E_SECCOMP=log`
+//! runs them under `log` instead and prints what an allow-list lacks.
 
 mod common;
 
@@ -126,6 +131,12 @@ fn image_drive(image: &Path) -> Vec<String> {
     ]
 }
 
+/// The seccomp policy of the guest's daemons: kill, or `UNIDEV_E2E_SECCOMP` (log, to
+/// list what an allow-list lacks: audit records in the console as UNIDEV-SECCOMP-AUDIT).
+fn seccomp_policy() -> String {
+    std::env::var("UNIDEV_E2E_SECCOMP").unwrap_or_else(|_| "kill".into())
+}
+
 /// Boot the guest on `scenario` (two vCPUs: virtio_blk uses one queue per CPU at most).
 fn run_scenario(dir: &Path, scenario: &str, qemu_args: &[String]) -> GuestRun {
     let options = GuestOptions {
@@ -137,7 +148,10 @@ fn run_scenario(dir: &Path, scenario: &str, qemu_args: &[String]) -> GuestRun {
         scenario,
         INIT,
         MODULES,
-        &format!("unidev.scenario={scenario}"),
+        &format!(
+            "unidev.scenario={scenario} unidev.seccomp={} audit=1",
+            seccomp_policy()
+        ),
         qemu_args,
         GUEST_TIMEOUT_SECS,
         &options,
@@ -229,6 +243,9 @@ fn virtio_vdpa_disk_on_the_host_image() {
             "vv-vdpa-device-gone",
             "vv-vduse-device-gone",
             "vv-disk-gone",
+            "vv-seccomp",
+            "vv-after-io-seccomp",
+            "no-seccomp-violations",
         ],
     );
     // After the guest powered off: the pattern it wrote through VDUSE is in the file.
@@ -264,6 +281,8 @@ fn vhost_vdpa_device_reports_what_unidev_created_and_a_broken_one_is_recreated()
             "vh-vdpa-device-gone",
             "vh-vduse-device-gone",
             "vhost-vdpa-node-gone",
+            "vh-seccomp",
+            "no-seccomp-violations",
         ],
     );
     // Independently of the guest's own comparison: what vdpa-info printed is a virtio-blk
@@ -305,6 +324,8 @@ fn killed_daemon_io_waits_and_a_new_daemon_takes_the_device_over() {
             "third-created",
             "third-reads-pattern-B",
             "third-exit-status",
+            "second-seccomp",
+            "no-seccomp-violations",
         ],
     );
     // Both daemons' writes are in the image: the one killed, and the one that took over.

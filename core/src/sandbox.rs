@@ -60,14 +60,16 @@
 //! Everything else — `socket`, `connect`, `execve`, `fork`, `ptrace`, `kill`, `mount`,
 //! `open_by_handle_at`, other ioctls, ... — is outside the list.
 //!
-//! [`Role::KernelTransport`] adds what a VDUSE serving thread does besides a worker's job:
-//! `ioctl` with the transport's request numbers only (IOTLB, queue set-up, interrupt
-//! injection, destroying its device); `eventfd2`, `epoll_create1`, `epoll_ctl` (its event
-//! loop, kick and call relays); `fcntl` with `F_DUPFD_CLOEXEC` (duplicating eventfds),
-//! `F_GET_SEALS`/`F_ADD_SEALS`, `fstatfs`, `fstat`/`statx` (checking and sealing the
-//! IOTLB's memory files before mapping them); and starting vring workers: `clone` with
-//! `CLONE_THREAD` only (no new processes; `clone3`, whose flags a filter cannot read,
-//! fails with `ENOSYS` so glibc falls back to `clone`), `set_robust_list`, `rseq`,
+//! [`Role::KernelTransport`] adds what a VDUSE serving thread does besides a worker's job
+//! (seen with `log` in the 6.12 guest of `tests/e2e_vduse.rs`, whose kernel logs every
+//! call outside the list): `ioctl` with the transport's request numbers only (IOTLB,
+//! queue set-up, interrupt injection, destroying its device); `eventfd2`,
+//! `epoll_create1`, `epoll_ctl` (its event loop, kick and call relays); `fcntl` with
+//! `F_DUPFD_CLOEXEC` (duplicating eventfds), `statx` (what kind of file an IOTLB entry
+//! is) and, for a VMM's memory file behind vhost-vdpa, `F_GET_SEALS`/`F_ADD_SEALS` and
+//! `fstatfs` (sealed against shrinking, page size); and starting vring workers: `clone`
+//! with `CLONE_THREAD` only (no new processes; `clone3`, whose flags a filter cannot
+//! read, fails with `ENOSYS` so glibc falls back to `clone`), `set_robust_list`, `rseq`,
 //! `prctl(PR_SET_NAME)` and, to install the worker's own filter on top of the inherited
 //! one, `prctl(PR_SET_NO_NEW_PRIVS)` and `seccomp(SECCOMP_SET_MODE_FILTER)` (a filter can
 //! only take rights away).
@@ -413,16 +415,17 @@ fn add_kernel_transport_calls(rules: &mut Rules, ioctls: &[u32]) -> Result<(), S
     if !ioctls.is_empty() {
         allow_ioctls(rules, ioctls)?;
     }
-    // Its event loop, kick and call eventfds; checking and sealing IOTLB memory files.
+    // Its event loop, kick and call eventfds (duplicated with F_DUPFD_CLOEXEC); what
+    // kind of file an IOTLB entry is (statx), and for a VMM's memory file (vhost-vdpa)
+    // its size, seals and page size.
     allow(
         rules,
         &[
             SYS_eventfd2,
             SYS_epoll_create1,
             SYS_epoll_ctl,
-            SYS_fstatfs,
-            SYS_fstat,
             SYS_statx,
+            SYS_fstatfs,
         ],
     );
     allow_fcntl(rules, &[F_GET_SEALS, F_ADD_SEALS, F_DUPFD_CLOEXEC])?;

@@ -23,17 +23,27 @@
 #   of the kernel stays responsive. A new unidev with the same name takes the device over
 #   and resumes the rings: the waiting read completes with the right data, new I/O works.
 #   After a clean stop, a third unidev creates the device from scratch.
+# Every daemon runs under seccomp policy unidev.seccomp= (default kill): its VDUSE thread
+# and vring workers must show Seccomp: 2, and the kernel must log no violation.
 # Needs /bin/unidev (static) and the modules vduse virtio_vdpa vhost_vdpa virtio_blk.
 # shellcheck disable=SC1091  # exists in the guest (tests/e2e/guest-common.sh)
 . /lib/unidev-e2e/guest-common.sh
 
 NAME=vdb0
 scenario=virtio-vdpa
+# Every daemon runs its VDUSE thread and vring workers under this seccomp policy.
+SECCOMP=kill
 # shellcheck disable=SC2013  # the command line is one line of words
 for arg in $(cat /proc/cmdline); do
-    case $arg in unidev.scenario=*) scenario=${arg#unidev.scenario=} ;; esac
+    case $arg in
+    unidev.scenario=*) scenario=${arg#unidev.scenario=} ;;
+    unidev.seccomp=*) SECCOMP=${arg#unidev.seccomp=} ;;
+    esac
 done
 e2e_log "scenario $scenario"
+# Without auditd the kernel prints audit records through printk_ratelimit() (10 per 5 s):
+# every seccomp record must reach the log.
+echo 0 >/proc/sys/kernel/printk_ratelimit
 e2e_check control-node test -c /dev/vduse/control
 
 # The host's image: the QEMU virtio disk with serial "unidev-image".
@@ -63,9 +73,43 @@ drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 start_serve() {
     _log=$1
     shift
-    RUST_LOG=${UNIDEV_LOG:-info} unidev serve --transport vduse --name $NAME "$@" \
-        >"$_log" 2>&1 &
+    RUST_LOG=${UNIDEV_LOG:-info} unidev serve --transport vduse --name $NAME \
+        --seccomp "$SECCOMP" "$@" >"$_log" 2>&1 &
     pid=$!
+}
+
+# check_seccomp TAG [WORKERS]: the daemon's VDUSE thread (and, with WORKERS, its vring
+# workers) run under a seccomp filter (Seccomp: 2 in /proc); its other threads do not.
+check_seccomp() {
+    _seen=
+    _wrong=
+    for _t in /proc/$pid/task/*; do
+        _comm=$(cat "$_t/comm" 2>/dev/null) || continue
+        _mode=$(sed -n 's/^Seccomp:[[:space:]]*//p' "$_t/status" 2>/dev/null)
+        case $_comm in
+        vduse-* | vring-worker-*) _want=2 _seen="$_seen $_comm" ;;
+        *) _want=0 ;;
+        esac
+        [ "$_mode" = "$_want" ] || _wrong="$_wrong $_comm=$_mode"
+    done
+    _ok=1
+    [ -z "$_wrong" ] || _ok=
+    case $_seen in *vduse-$NAME*) ;; *) _ok= ;; esac
+    if [ -n "$2" ]; then case $_seen in *vring-worker-*) ;; *) _ok= ;; esac; fi
+    if [ -n "$_ok" ]; then e2e_pass "$1-seccomp"; else
+        e2e_fail "$1-seccomp" "filtered threads:$_seen; wrong mode:$_wrong"
+    fi
+}
+
+# check_no_seccomp_violations: the kernel logged no call outside an allow-list (audit
+# records of type 1326; the guest boots with audit=1 so that they reach the kernel log).
+check_no_seccomp_violations() {
+    if dmesg | grep 'type=1326' >/tmp/seccomp-audit; then
+        sed 's/^/UNIDEV-SECCOMP-AUDIT /' /tmp/seccomp-audit
+        e2e_fail no-seccomp-violations "$(wc -l </tmp/seccomp-audit) audit record(s)"
+    else
+        e2e_pass no-seccomp-violations
+    fi
 }
 
 # stop_daemon TAG LOG: SIGTERM must remove the vDPA device, then the VDUSE device, and
@@ -118,6 +162,7 @@ scenario_virtio_vdpa() {
     img=$(host_disk) || { e2e_fail host-disk "no disk with serial unidev-image"; e2e_finish; }
     start_serve /tmp/unidev.log --attach virtio-vdpa virtio-blk --file "$img" --queues 2
     wait_disk vv /tmp/unidev.log
+    check_seccomp vv workers
     drv=$(basename "$(readlink /sys/bus/vdpa/devices/$NAME/driver)")
     if [ "$drv" = virtio_vdpa ]; then e2e_pass bound-virtio-vdpa; else
         e2e_fail bound-virtio-vdpa "bound to '$drv'"
@@ -140,6 +185,7 @@ scenario_virtio_vdpa() {
     if [ "$a" = "$b" ]; then e2e_pass sequential-whole-disk; else
         e2e_fail sequential-whole-disk "$a != $b"
     fi
+    check_seccomp vv-after-io workers
     stop_daemon vv /tmp/unidev.log
     e2e_check vv-disk-gone test ! -e "$disk"
 }
@@ -166,6 +212,8 @@ check_vdpa_info() {
 scenario_vhost_vdpa() {
     dd if=/dev/zero of=/tmp/disk.img bs=1M count=48 2>/dev/null
     cat >/tmp/devices.toml <<EOF
+seccomp = "$SECCOMP"
+
 [[device]]
 name = "$NAME"
 type = "virtio-blk"
@@ -183,6 +231,7 @@ EOF
         e2e_finish
     fi
     node=$(ls /dev/vhost-vdpa-*)
+    check_seccomp vh
     drv=$(basename "$(readlink /sys/bus/vdpa/devices/$NAME/driver)")
     if [ "$drv" = vhost_vdpa ]; then e2e_pass bound-vhost-vdpa; else
         e2e_fail bound-vhost-vdpa "bound to '$drv'"
@@ -273,6 +322,7 @@ scenario_kill() {
     e2e_check taken-over grep -q "taking it over" /tmp/unidev-2.log
     e2e_check same-disk test "$(vduse_disk)" = "$disk"
     write_pattern B 12
+    check_seccomp second workers
     stop_daemon second /tmp/unidev-2.log
     e2e_check second-disk-gone test ! -e "$disk"
 
@@ -296,4 +346,5 @@ vhost-vdpa) scenario_vhost_vdpa ;;
 kill) scenario_kill ;;
 *) e2e_fail scenario "unknown scenario '$scenario'" ;;
 esac
+check_no_seccomp_violations
 e2e_finish
