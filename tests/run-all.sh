@@ -12,6 +12,10 @@ cargo test --workspace --release -- --test-threads=2 2>&1 | tee "$out" || status
 # A short, reproducible run of every fuzz target (fuzz/README.md: fixed seed and run
 # count); regressions are replayed first.
 bash fuzz/smoke.sh ci 2>&1 | tee -a "$out" || status=$?
+# Semantic versioning: the library crates' public API against the last release
+# (.ci/api-baseline; needs the full git history), and a deliberate break that must be
+# reported (.ci/semver.sh).
+bash .ci/semver.sh 2>&1 | tee -a "$out" || status=$?
 # One closing line for the whole run (cargo prints one per test binary).
 awk '/^test result:/ { p += $4; f += $6; i += $8 }
      END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, i }' "$out"
