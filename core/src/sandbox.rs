@@ -224,7 +224,6 @@ where
     F: FnOnce() -> T + Send + 'static,
     T: Send + 'static,
 {
-    let builder = std::thread::Builder::new().name(name.clone());
     let programs = match filters(&role, policy) {
         Ok(p) => p,
         Err(e) => {
@@ -232,6 +231,21 @@ where
             return Err(io::Error::other(format!("{name}: {e}")));
         }
     };
+    spawn_filtered(name, programs, f)
+}
+
+/// Start thread `name` running `f` once `programs` are installed on it (none: a plain
+/// thread); if they cannot be, `f` never runs and this fails.
+fn spawn_filtered<T, F>(
+    name: String,
+    programs: Vec<BpfProgram>,
+    f: F,
+) -> io::Result<SandboxedThread<T>>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    let builder = std::thread::Builder::new().name(name.clone());
     if programs.is_empty() {
         return builder.spawn(move || Some(f())).map(SandboxedThread);
     }
@@ -645,6 +659,32 @@ mod tests {
         assert_eq!(t.join().unwrap(), 7);
         assert_eq!(thread_seccomp_mode(gettid()).unwrap(), 0);
         drop(efd);
+    }
+
+    #[test]
+    fn a_thread_whose_filter_the_kernel_refuses_never_runs_and_its_start_fails() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        // An instruction the kernel's checker rejects (EINVAL).
+        let bad = seccompiler::sock_filter {
+            code: 0xffff,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        };
+        let ran = std::sync::Arc::new(AtomicBool::new(false));
+        let r = ran.clone();
+        let e = spawn_filtered("sandbox-refused".into(), vec![vec![bad]], move || {
+            r.store(true, Ordering::SeqCst)
+        })
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("cannot install the seccomp filter"),
+            "{e}"
+        );
+        assert!(
+            !ran.load(Ordering::SeqCst),
+            "the work ran without its filter"
+        );
     }
 
     #[test]
