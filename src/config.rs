@@ -41,10 +41,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::vduse::VduseSettings;
 use crate::{DeviceArgs, Transport, VirtioArgs};
 use unidev_core::sandbox::SeccompPolicy;
-use unidev_transports::vduse::{VdpaDriver, DEFAULT_CONTROL_PATH};
+use unidev_transports::export::VduseTarget;
+use unidev_transports::vduse::VdpaDriver;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -86,7 +86,7 @@ pub struct DeviceSpec {
     /// Listening socket (vfio-user, vhost-user).
     pub socket: Option<PathBuf>,
     /// The kernel device (vduse).
-    pub vduse: Option<VduseSettings>,
+    pub vduse: Option<VduseTarget>,
     /// Socket permission bits.
     pub socket_mode: u32,
     /// Group of the socket.
@@ -258,11 +258,11 @@ pub fn load(path: &Path) -> Result<Config, Vec<String>> {
                 Some(other) => Err(other),
             };
             match attach {
-                Ok(attach) => Some(VduseSettings {
-                    name: name.clone(),
-                    attach,
-                    control: PathBuf::from(DEFAULT_CONTROL_PATH),
-                }),
+                Ok(attach) => {
+                    let mut target = VduseTarget::new(name.clone());
+                    target.attach = attach;
+                    Some(target)
+                }
                 Err(other) => {
                     err(format!(
                         "attach {other:?}: must be \"virtio-vdpa\" or \"vhost-vdpa\""
@@ -438,7 +438,10 @@ mod tests {
         let v = specs[0].vduse.as_ref().unwrap();
         assert_eq!(v.name, "vdisk0");
         assert_eq!(v.attach, Some(VdpaDriver::VhostVdpa));
-        assert_eq!(v.control, PathBuf::from(DEFAULT_CONTROL_PATH));
+        assert_eq!(
+            v.control_path,
+            PathBuf::from(unidev_transports::vduse::DEFAULT_CONTROL_PATH)
+        );
         assert!(matches!(
             specs[0].device,
             DeviceArgs::VirtioBlk { queues: 2, .. }

@@ -10,16 +10,14 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 mod bench;
 mod config;
 mod vdpa_info;
-mod vduse;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use log::{error, info};
@@ -29,15 +27,14 @@ use unidev_backends::virtio_rng::VirtioRng;
 use unidev_compat::vhost_user_proxy::VhostUserProxy;
 use unidev_core::dispatch::{EventLoop, StopHandle};
 use unidev_core::memory::DmaSpace;
-use unidev_core::pci::SharedPciDevice;
 use unidev_core::sandbox::SeccompPolicy;
-use unidev_core::virtio::{
-    DispatchOptions, LocalVirtio, VirtioDevice, VirtioPci, VirtioPciOptions,
+use unidev_transports::export::{
+    Export, ExportOptions, Running, Socket as ExportSocket, Transport as ExportTransport,
+    VduseTarget,
 };
-use unidev_transports::listener::{self, PeerPolicy};
+use unidev_transports::listener;
 use unidev_transports::vduse::{VdpaDriver, DEFAULT_CONTROL_PATH};
-use unidev_transports::vfio_user::{DmaRwLayout, ServerConfig, VfioUserServer};
-use unidev_transports::vhost_user::VhostUserServer;
+use unidev_transports::vfio_user::{DmaRwLayout, ServerConfig};
 
 #[derive(Parser)]
 #[command(
@@ -303,73 +300,20 @@ fn parse_hex16(s: &str) -> Result<u16, String> {
     u16::from_str_radix(t, 16).map_err(|e| format!("{s:?} is not a 16-bit hex value: {e}"))
 }
 
-/// A device as its transport needs it: a PCI function, or a bare virtio device.
-enum Built {
-    Pci(SharedPciDevice),
-    Virtio(Arc<dyn VirtioDevice>),
-}
-
-fn virtio_device<B>(
-    name: &str,
-    device_type: u32,
-    backend: B,
-    dma: Arc<DmaSpace>,
-    v: &VirtioArgs,
-    transport: Transport,
-) -> Result<Built, String>
-where
-    B: vhost_user_backend::VhostUserBackend<Bitmap = (), Vring = vhost_user_backend::VringRwLock>
-        + Clone
-        + 'static,
-{
-    if v.notify_mmap && transport != Transport::VfioUser {
-        return Err(format!(
-            "{name}: --notify-mmap applies to the vfio-user transport only"
-        ));
-    }
-    let local = LocalVirtio::new(
-        device_type,
-        backend,
-        &dma,
-        DispatchOptions {
-            poll: Duration::from_micros(v.poll_us),
-            busy: v.notify_mmap,
-        },
-    )
-    .map_err(|e| format!("{name}: cannot start queues: {e}"))?;
-    if transport != Transport::VfioUser {
-        return Ok(Built::Virtio(local));
-    }
-    let pci = VirtioPci::new(
-        name,
-        local,
-        dma,
-        VirtioPciOptions {
-            notify_mmap: v.notify_mmap,
-        },
-    )
-    .map_err(|e| format!("{name}: {e}"))?;
-    Ok(Built::Pci(Arc::new(Mutex::new(pci))))
-}
-
+/// `dev` as an export named `name`, its DMA maps capped at `max_dma_maps`. Whether it
+/// fits `transport` is checked by the export (one place for every user of the API), except
+/// for the proxy, which is meant to sit behind vfio-user.
 fn make_device(
     dev: &DeviceArgs,
-    dma: Arc<DmaSpace>,
+    name: &str,
+    max_dma_maps: usize,
     transport: Transport,
-) -> Result<Built, String> {
+) -> Result<Export, String> {
     match dev {
         DeviceArgs::Gpio { inputs } => {
-            if transport != Transport::VfioUser {
-                return Err(
-                    "gpio is a full PCI device: it needs the vfio-user transport \
-                     (vhost-user and VDUSE carry virtio devices only)"
-                        .into(),
-                );
-            }
             info!("gpio: inputs = {inputs:#06x}");
-            Ok(Built::Pci(Arc::new(Mutex::new(IdioGpioCard::new(
-                dma, *inputs,
-            )))))
+            let dma = Arc::new(DmaSpace::new(max_dma_maps));
+            Ok(Export::pci(name, IdioGpioCard::new(dma, *inputs)))
         }
         DeviceArgs::VirtioBlk {
             file,
@@ -377,7 +321,7 @@ fn make_device(
             queues,
             direct,
             block_size,
-            virtio,
+            virtio: _,
         } => {
             let blk = VirtioBlk::new(BlkOptions {
                 path: file.clone(),
@@ -395,14 +339,7 @@ fn make_device(
                 if *readonly { ", read-only" } else { "" },
                 if *direct { ", O_DIRECT" } else { "" }
             );
-            virtio_device(
-                "virtio-blk",
-                VIRTIO_ID_BLOCK,
-                Arc::new(blk),
-                dma,
-                virtio,
-                transport,
-            )
+            Ok(Export::virtio(name, VIRTIO_ID_BLOCK, Arc::new(blk)))
         }
         DeviceArgs::VhostUserProxy {
             backend_socket,
@@ -416,6 +353,7 @@ fn make_device(
                         .into(),
                 );
             }
+            let dma = Arc::new(DmaSpace::new(max_dma_maps));
             let proxy = VhostUserProxy::connect(
                 backend_socket,
                 *virtio_id,
@@ -432,21 +370,22 @@ fn make_device(
                 "vhost-user-proxy: virtio device type {virtio_id} at {}",
                 backend_socket.display()
             );
-            let pci = VirtioPci::new("vhost-user-proxy", proxy, dma, VirtioPciOptions::default())
-                .map_err(|e| format!("vhost-user-proxy: {e}"))?;
-            Ok(Built::Pci(Arc::new(Mutex::new(pci))))
+            Ok(Export::virtio_device(name, proxy, dma))
         }
-        DeviceArgs::VirtioRng { virtio } => {
+        DeviceArgs::VirtioRng { virtio: _ } => {
             let rng = VirtioRng::new().map_err(|e| format!("virtio-rng: {e}"))?;
-            virtio_device(
-                "virtio-rng",
-                VIRTIO_ID_RNG,
-                Arc::new(rng),
-                dma,
-                virtio,
-                transport,
-            )
+            Ok(Export::virtio(name, VIRTIO_ID_RNG, Arc::new(rng)))
         }
+    }
+}
+
+/// `base` with the device's own options (adaptive polling, mappable notify area).
+fn device_options(base: ExportOptions, dev: &DeviceArgs) -> ExportOptions {
+    match dev {
+        DeviceArgs::VirtioBlk { virtio, .. } | DeviceArgs::VirtioRng { virtio } => base
+            .poll(Duration::from_micros(virtio.poll_us))
+            .notify_mmap(virtio.notify_mmap),
+        DeviceArgs::Gpio { .. } | DeviceArgs::VhostUserProxy { .. } => base,
     }
 }
 
@@ -509,120 +448,85 @@ fn install_signal_handlers(stops: Vec<StopHandle>) -> io::Result<()> {
     Ok(())
 }
 
-/// A server of either transport, ready to run.
-enum Server {
-    VfioUser(VfioUserServer),
-    VhostUser(VhostUserServer),
-}
-
-impl Server {
-    fn stop_handle(&self) -> StopHandle {
-        match self {
-            Server::VfioUser(s) => s.stop_handle(),
-            Server::VhostUser(s) => s.stop_handle(),
-        }
-    }
-
-    fn run(self) -> io::Result<()> {
-        match self {
-            Server::VfioUser(s) => s.run(),
-            Server::VhostUser(s) => s.run(),
-        }
-    }
-}
-
-/// Transport-level settings of one device's server.
-#[derive(Default)]
-struct ServerSettings {
-    vfio_user: ServerConfig,
-    peers: PeerPolicy,
-}
-
-impl ServerSettings {
-    fn from_args(args: &ServeArgs) -> Self {
-        ServerSettings {
-            vfio_user: ServerConfig {
-                max_msg_fds: args.max_msg_fds as usize,
-                max_data_xfer_size: args.max_data_xfer_size,
-                dma_rw_layout: match args.dma_rw_layout {
-                    LayoutArg::Qemu => DmaRwLayout::Qemu,
-                    LayoutArg::Spec => DmaRwLayout::Spec,
-                },
-                io_timeout: Duration::from_secs(args.io_timeout_secs.max(1)),
+/// The export options `serve` was given.
+fn serve_options(args: &ServeArgs) -> ExportOptions {
+    let mut options = ExportOptions::default()
+        .socket_mode(args.socket_mode)
+        .max_dma_maps(args.max_dma_maps)
+        .vfio_user(ServerConfig {
+            max_msg_fds: args.max_msg_fds as usize,
+            max_data_xfer_size: args.max_data_xfer_size,
+            dma_rw_layout: match args.dma_rw_layout {
+                LayoutArg::Qemu => DmaRwLayout::Qemu,
+                LayoutArg::Spec => DmaRwLayout::Spec,
             },
-            peers: PeerPolicy {
-                allowed_uids: (!args.allow_uids.is_empty()).then(|| args.allow_uids.clone()),
-            },
-        }
+            io_timeout: Duration::from_secs(args.io_timeout_secs.max(1)),
+        });
+    options.socket_group = args.socket_group;
+    if !args.allow_uids.is_empty() {
+        options = options.allow_uids(args.allow_uids.iter().copied());
+    }
+    device_options(options, &args.device)
+}
+
+/// A socket transport listening on `socket`, as the export API takes it (VDUSE devices
+/// have no socket and never come here).
+fn socket_transport(transport: Transport, socket: ExportSocket) -> ExportTransport {
+    match transport {
+        Transport::VhostUser => ExportTransport::VhostUser(socket),
+        Transport::VfioUser | Transport::Vduse => ExportTransport::VfioUser(socket),
     }
 }
 
-/// Put a built device behind its transport's server on `listener`.
-fn make_server(
-    name: &str,
-    device: Built,
-    dma: Arc<DmaSpace>,
-    listener: UnixListener,
-    settings: &ServerSettings,
-) -> Result<Server, String> {
-    let err = |e: io::Error| format!("{name}: cannot start server: {e}");
-    Ok(match device {
-        Built::Pci(device) => Server::VfioUser(
-            VfioUserServer::new(name, listener, device, settings.vfio_user.clone())
-                .map_err(err)?
-                .with_peer_policy(settings.peers.clone()),
-        ),
-        Built::Virtio(device) => Server::VhostUser(
-            VhostUserServer::new(name, listener, device, dma)
-                .map_err(err)?
-                .with_peer_policy(settings.peers.clone()),
-        ),
-    })
-}
-
+/// `serve`: one device on one transport, through the same export API a device author
+/// uses (`unidev_transports::export`). With `--transport vduse` the device is created
+/// (or taken over from a killed daemon), served on its own thread and optionally attached
+/// to the vDPA bus; on SIGTERM/SIGINT it is detached first (while its requests are still
+/// served: the driver resets the device on removal), then destroyed.
 fn serve(args: ServeArgs) -> Result<(), String> {
-    if args.transport == Transport::Vduse {
-        return serve_vduse(args);
-    }
-    if args.name.is_some() || args.attach.is_some() {
+    let vduse = args.transport == Transport::Vduse;
+    if !vduse && (args.name.is_some() || args.attach.is_some()) {
         return Err("--name and --attach apply to --transport vduse only".into());
     }
+    let vduse_name = match (&args.name, vduse) {
+        (Some(n), true) => Some(n.clone()),
+        (None, true) => {
+            return Err("--transport vduse needs --name NAME (the /dev/vduse/NAME device)".into())
+        }
+        _ => None,
+    };
     set_seccomp(args.seccomp.policy())?;
     let name = device_name(&args.device);
-    let dma = Arc::new(DmaSpace::new(args.max_dma_maps));
-    let device = make_device(&args.device, dma.clone(), args.transport)?;
-    let (listener, shown): (UnixListener, String) = match (&args.socket_path, args.fd) {
-        (Some(path), _) => (
-            listener::bind_with(path, args.socket_mode, args.socket_group)
-                .map_err(|e| e.to_string())?,
-            path.display().to_string(),
+    let export = make_device(&args.device, name, args.max_dma_maps, args.transport)?;
+    let (transport, shown) = match (vduse_name, &args.socket_path, args.fd) {
+        (Some(vduse_name), _, _) => {
+            let mut target = VduseTarget::new(vduse_name).control_path(&args.vduse_control);
+            target.attach = args.attach.map(AttachArg::driver);
+            (ExportTransport::Vduse(target), None)
+        }
+        (None, Some(path), _) => (
+            socket_transport(args.transport, ExportSocket::Path(path.clone())),
+            Some(path.display().to_string()),
         ),
-        (None, Some(fd)) => (
-            listener::from_fd(fd).map_err(|e| e.to_string())?,
-            format!("fd {fd}"),
+        (None, None, Some(fd)) => (
+            socket_transport(
+                args.transport,
+                ExportSocket::Listener(listener::from_fd(fd).map_err(|e| e.to_string())?),
+            ),
+            Some(format!("fd {fd}")),
         ),
-        (None, None) => return Err("--socket-path or --fd is required".into()),
+        (None, None, None) => return Err("--socket-path or --fd is required".into()),
     };
-    let server = make_server(
-        name,
-        device,
-        dma,
-        listener,
-        &ServerSettings::from_args(&args),
-    )?;
-    install_signal_handlers(vec![server.stop_handle()])
+    let transport_name = transport.name();
+    let exported = export
+        .serve(transport, &serve_options(&args))
+        .map_err(|e| e.to_string())?;
+    install_signal_handlers(vec![exported.stop_handle()])
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
-    let transport = match args.transport {
-        Transport::VfioUser => "vfio-user",
-        Transport::VhostUser => "vhost-user",
-        Transport::Vduse => "vduse",
-    };
-    info!("{name}: {transport} server listening on {shown}");
-    let result = server.run().map_err(|e| format!("server failed: {e}"));
-    if let Some(path) = &args.socket_path {
-        let _ = std::fs::remove_file(path);
+    if let Some(shown) = shown {
+        info!("{name}: {transport_name} server listening on {shown}");
     }
-    result
+    exported.run().map_err(|e| e.to_string())
 }
 
 impl AttachArg {
@@ -632,42 +536,6 @@ impl AttachArg {
             AttachArg::VhostVdpa => VdpaDriver::VhostVdpa,
         }
     }
-}
-
-/// `serve --transport vduse`: create the VDUSE device (or take over the one a killed
-/// daemon left), serve it on its own thread, optionally attach it to the vDPA bus; on
-/// SIGTERM/SIGINT detach it (while its requests are still served: the driver resets the
-/// device on removal), then stop serving, which destroys the device (see `vduse.rs`).
-fn serve_vduse(args: ServeArgs) -> Result<(), String> {
-    let name = args
-        .name
-        .clone()
-        .ok_or("--transport vduse needs --name NAME (the /dev/vduse/NAME device)")?;
-    set_seccomp(args.seccomp.policy())?;
-    let dma = Arc::new(DmaSpace::new(args.max_dma_maps));
-    let Built::Virtio(device) = make_device(&args.device, dma.clone(), Transport::Vduse)? else {
-        return Err(format!(
-            "{}: VDUSE carries virtio devices only",
-            device_name(&args.device)
-        ));
-    };
-    // Ended by a signal, or by the server thread when it stops on its own.
-    let mut shutdown =
-        EventLoop::new().map_err(|e| format!("cannot create the shutdown waiter: {e}"))?;
-    let wake = shutdown.stop_handle();
-    install_signal_handlers(vec![wake.clone()])
-        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
-    let settings = vduse::VduseSettings {
-        name: name.clone(),
-        attach: args.attach.map(AttachArg::driver),
-        control: args.vduse_control.clone(),
-    };
-    let running = vduse::start(&settings, device, dma, move || wake.stop())?;
-    info!("{name}: VDUSE device serving");
-    if let Err(e) = shutdown.run() {
-        error!("shutdown waiter failed: {e}");
-    }
-    running.shutdown()
 }
 
 /// A callback for each of `n` devices; the last one to run stops `wake`.
@@ -696,89 +564,72 @@ fn run(path: &std::path::Path) -> Result<(), String> {
     set_seccomp(config.seccomp)?;
     let specs = config.devices;
     // Build every device before any socket appears: a bad image file stops the start.
-    let mut built = Vec::with_capacity(specs.len());
+    let mut exports = Vec::with_capacity(specs.len());
     for s in &specs {
-        let dma = Arc::new(DmaSpace::new(s.max_dma_maps));
-        let device = make_device(&s.device, dma.clone(), s.transport)
+        let export = make_device(&s.device, &s.name, s.max_dma_maps, s.transport)
             .map_err(|e| format!("{}: {e}; nothing started", s.location))?;
-        built.push((device, dma));
+        exports.push(export);
     }
+    let options = |s: &config::DeviceSpec| {
+        let mut o = ExportOptions::default()
+            .socket_mode(s.socket_mode)
+            .max_dma_maps(s.max_dma_maps);
+        o.socket_group = s.socket_group;
+        o.allowed_uids = s.allowed_uids.clone();
+        device_options(o, &s.device)
+    };
     // Ended by a signal, or once every device has stopped on its own.
     let mut shutdown =
         EventLoop::new().map_err(|e| format!("cannot create the shutdown waiter: {e}"))?;
     let wake = shutdown.stop_handle();
     let done = countdown(specs.len(), wake.clone());
-    let mut servers = Vec::with_capacity(specs.len());
+    // Sockets first. An export dropped unserved removes its socket again, so returning
+    // early leaves nothing behind.
+    let mut socket_devices = Vec::with_capacity(specs.len());
     let mut kernel_devices = Vec::new();
-    let mut bound: Vec<&std::path::Path> = Vec::new();
-    let cleanup = |bound: &[&std::path::Path]| {
-        for p in bound {
-            let _ = std::fs::remove_file(p);
-        }
-    };
-    for (s, (device, dma)) in specs.iter().zip(built) {
+    for (s, export) in specs.iter().zip(exports) {
         let Some(socket) = &s.socket else {
-            kernel_devices.push((s, device, dma));
+            kernel_devices.push((s, export));
             continue;
         };
-        let settings = ServerSettings {
-            peers: PeerPolicy {
-                allowed_uids: s.allowed_uids.clone(),
-            },
-            ..ServerSettings::default()
-        };
-        let server = listener::bind_with(socket, s.socket_mode, s.socket_group)
-            .map_err(|e| e.to_string())
-            .and_then(|l| make_server(&s.name, device, dma, l, &settings))
-            .map_err(|e| {
-                cleanup(&bound);
-                format!("{}: {e}; nothing started", s.location)
-            })?;
-        bound.push(socket);
-        servers.push((s, server));
+        let transport = socket_transport(s.transport, ExportSocket::Path(socket.clone()));
+        let exported = export
+            .serve(transport, &options(s))
+            .map_err(|e| format!("{}: {e}; nothing started", s.location))?;
+        socket_devices.push((s, exported.on_exit(done())));
     }
     install_signal_handlers(vec![wake])
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     // VDUSE devices appear system-wide: create them once every socket is in place.
-    let mut running_vduse: Vec<vduse::RunningVduse> = Vec::new();
-    for (s, device, dma) in kernel_devices {
-        let started = match (device, &s.vduse) {
-            (Built::Virtio(device), Some(settings)) => vduse::start(settings, device, dma, done()),
-            _ => Err("VDUSE carries virtio devices only".to_string()),
+    let mut running_vduse: Vec<Running> = Vec::new();
+    for (s, export) in kernel_devices {
+        let started = match &s.vduse {
+            Some(target) => export
+                .serve(ExportTransport::Vduse(target.clone()), &options(s))
+                .and_then(|e| e.on_exit(done()).spawn())
+                .map_err(|e| e.to_string()),
+            None => Err("VDUSE carries virtio devices only".to_string()),
         };
         match started {
-            Ok(r) => {
-                info!("{}: VDUSE device serving", s.name);
-                running_vduse.push(r);
-            }
+            Ok(r) => running_vduse.push(r),
             Err(e) => {
                 for r in running_vduse.into_iter().rev() {
-                    if let Err(e) = r.shutdown() {
+                    if let Err(e) = r.stop() {
                         error!("{e}");
                     }
                 }
-                cleanup(&bound);
                 return Err(format!("{}: {e}; nothing started", s.location));
             }
         }
     }
-    let stops: Vec<StopHandle> = servers.iter().map(|(_, sv)| sv.stop_handle()).collect();
-    let mut threads = Vec::with_capacity(servers.len());
-    for (s, server) in servers {
+    let mut running = Vec::with_capacity(socket_devices.len());
+    for (s, exported) in socket_devices {
         if let Some(socket) = &s.socket {
             info!("{}: serving on {}", s.name, socket.display());
         }
-        let name = s.name.clone();
-        let done = done();
-        threads.push(
-            std::thread::Builder::new()
-                .name(format!("dev-{name}"))
-                .spawn(move || {
-                    if let Err(e) = server.run() {
-                        error!("{name}: server failed: {e}");
-                    }
-                    done();
-                })
+        running.push(
+            exported
+                .spawn()
                 .map_err(|e| format!("cannot start a thread: {e}"))?,
         );
     }
@@ -787,17 +638,18 @@ fn run(path: &std::path::Path) -> Result<(), String> {
     }
     // VDUSE devices first: removing one from the vDPA bus needs its server running.
     for r in running_vduse {
-        if let Err(e) = r.shutdown() {
+        if let Err(e) = r.stop() {
             error!("{e}");
         }
     }
-    for stop in stops {
-        stop.stop();
+    for r in &running {
+        r.stop_handle().stop();
     }
-    for t in threads {
-        let _ = t.join();
+    for r in running {
+        if let Err(e) = r.join() {
+            error!("{e}");
+        }
     }
-    cleanup(&bound);
     info!("all {} devices stopped", specs.len());
     Ok(())
 }

@@ -407,7 +407,10 @@ fn a_frontend_truncating_its_shared_memory_does_not_kill_the_daemon() {
 
     // A new frontend (its SET_MEM_TABLE retires the old mapping) is served normally.
     let mem = DriverMemory::new(1 << 20, 0x1_0000_0000).unwrap();
-    let common::VhostUserRing { mut vq, kick, .. } = common::vhost_user_ring(
+    // The frontend (the connection) must live until the request completes.
+    let common::VhostUserRing {
+        mut vq, kick, fe, ..
+    } = common::vhost_user_ring(
         &sock,
         &mem,
         (1 << 32) | (1 << 30),
@@ -428,6 +431,7 @@ fn a_frontend_truncating_its_shared_memory_does_not_kill_the_daemon() {
     let mut data = vec![0u8; 4096];
     mem.read(placed.in_iova, &mut data).unwrap();
     assert!(data.iter().all(|&b| b == 0x3c));
+    drop(fe);
     wait_for(10, "the truncation to be logged", || {
         daemon.log_text().contains("truncated under its mapping")
     });
