@@ -120,6 +120,7 @@ use crate::vhost_user::VhostUserServer;
 
 /// Where a socket transport listens.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum Socket {
     /// Bind a new socket here, with [`ExportOptions::socket_mode`] and
     /// [`ExportOptions::socket_group`]. An old socket at the path is replaced; any other
