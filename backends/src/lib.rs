@@ -10,6 +10,11 @@
 //! Backends never learn which transport carries them: they see configuration space and
 //! BAR accesses, raise interrupts through `unidev_core::irq::Interrupts`, and reach client
 //! memory through `unidev_core::memory::DmaSpace`.
+//!
+//! **Experimental** as a library: these are the daemon's devices, and their Rust API
+//! (constructors, options) may change in any 0.y release; what they do for a guest, and the
+//! daemon options that configure them, are covered by `docs/api-stability.md`. Devices of
+//! your own are written against `unidev-core` and served with `unidev_transports::export`.
 #![deny(missing_docs)]
 
 pub mod gpio;

@@ -8,6 +8,10 @@
 //!
 //! Built on the `epoll` crate; level-triggered, so a handler that leaves data unread is
 //! simply called again.
+//!
+//! Stability: [`StopHandle`] is part of the stable device-author API (it stops an
+//! exported device); [`EventLoop`], [`LoopContext`] and the handler types are transport
+//! plumbing and **experimental** (`docs/api-stability.md`).
 
 use std::collections::HashMap;
 use std::io;

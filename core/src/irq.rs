@@ -128,6 +128,42 @@ struct State {
 
 /// The interrupt lines of one device, shared by the device (which raises them) and the
 /// transport (which attaches eventfds and masks them on the client's behalf).
+///
+/// A device creates it with its [`IrqLayout`], hands it out through
+/// `PciDevice::interrupts`, and raises lines with [`signal`](Interrupts::signal) (edge:
+/// MSI, MSI-X, ERR, REQ) or [`set_intx_level`](Interrupts::set_intx_level) (INTx). It
+/// never sees the client's eventfds itself. A device with an MSI-X capability routes its
+/// table through [`crate::pci::Msix`], which calls `signal` on the vectors software
+/// enabled.
+///
+/// # Example
+///
+/// ```
+/// use unidev_core::irq::{Interrupts, IrqKind, IrqLayout};
+/// use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+///
+/// let irqs = Interrupts::new(IrqLayout::pci(true, 0, 2)); // INTx and 2 MSI-X vectors
+/// // The transport attaches the client's eventfd to MSI-X vector 1.
+/// let vector1 = EventFd::new(EFD_NONBLOCK).unwrap();
+/// irqs.set_eventfds(IrqKind::Msix, 1, vec![Some(vector1.try_clone().unwrap())])
+///     .unwrap();
+///
+/// // The device raises the vector: the eventfd is written.
+/// assert!(irqs.signal(IrqKind::Msix, 1));
+/// assert_eq!(vector1.read().unwrap(), 1);
+///
+/// // While masked, a signal is held pending and delivered on unmask.
+/// irqs.mask(IrqKind::Msix, 1, 1, None).unwrap();
+/// assert!(!irqs.signal(IrqKind::Msix, 1));
+/// assert!(irqs.pending(IrqKind::Msix, 1));
+/// irqs.unmask(IrqKind::Msix, 1, 1, None).unwrap();
+/// assert_eq!(vector1.read().unwrap(), 1);
+///
+/// // INTx is a level: raised until the device lowers it.
+/// irqs.set_intx_level(true);
+/// assert!(irqs.intx_level());
+/// irqs.set_intx_level(false);
+/// ```
 pub struct Interrupts {
     layout: IrqLayout,
     state: Mutex<State>,

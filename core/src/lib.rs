@@ -11,6 +11,39 @@
 //! The core knows no wire protocol: transports translate their messages into calls on
 //! these types, and backends implement devices against them without knowing which
 //! transport carries them.
+//!
+//! # Writing a device
+//!
+//! There are two contracts; pick the one that matches the device:
+//!
+//! * **A full PCI function** — implement [`pci::PciDevice`]: describe config space with
+//!   [`pci::ConfigSpace::builder`], answer BAR reads and writes, raise interrupts on the
+//!   [`irq::Interrupts`] it owns, reach client memory through its [`memory::DmaSpace`].
+//!   The trait's documentation has a complete small device.
+//! * **A virtio device** — implement rust-vmm's `vhost_user_backend::VhostUserBackend`
+//!   (0.24) exactly as for rust-vmm's own vhost-user daemon; [`virtio::LocalVirtio`]
+//!   runs it on the core's dispatch and [`virtio::VirtioPci`] makes it a PCI function.
+//!
+//! Then serve it by one call with `unidev_transports::export`:
+//!
+//! ```text
+//! Export::pci("my-card", card)
+//!     .serve(Transport::vfio_user("/run/my-card.sock"), &ExportOptions::default())?
+//!     .run()?;
+//! Export::virtio("my-disk", 2, Arc::new(backend)) // virtio device type 2: block
+//!     .serve(Transport::vhost_user("/run/my-disk.sock"), &ExportOptions::default())?
+//!     .run()?;
+//! ```
+//!
+//! The repository's `examples/` holds a complete device of each kind (`pci_timer.rs`,
+//! `virtio_ramdisk.rs`), and `docs/api-stability.md` says what is stable.
+//!
+//! # Stability
+//!
+//! Stable (semver-checked; see `docs/api-stability.md`): [`pci`], [`irq`], [`memory`],
+//! [`virtio`] except [`virtio::inflight`], and [`dispatch::StopHandle`]. Experimental
+//! (may change in any 0.y release): [`dispatch::EventLoop`] and its handler types
+//! (transport plumbing), [`virtio::inflight`], [`sandbox`].
 #![deny(missing_docs)]
 
 pub mod dispatch;

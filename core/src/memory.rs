@@ -239,6 +239,56 @@ impl MapTable {
 /// The device's view of client memory: the set of DMA maps, a lock-free snapshot of the
 /// fd-backed ones, and the message path for the rest. One per device, shared (`Arc`) by
 /// the transport that fills it and the device code that reads it.
+///
+/// A full PCI device is given one at construction and returns it from
+/// `PciDevice::dma`; it reaches client memory with [`read`](DmaSpace::read) and
+/// [`write`](DmaSpace::write) by IOVA (the bus addresses its driver programmed). A virtio
+/// backend never sees the `DmaSpace` itself: it gets the [`snapshot`](DmaSpace::snapshot)
+/// through `VhostUserBackend::update_memory`, as under vhost-user. Transports call
+/// [`map`](DmaSpace::map), [`unmap`](DmaSpace::unmap) and [`publish`](DmaSpace::publish).
+///
+/// # Example
+///
+/// ```
+/// use unidev_core::memory::{DmaSpace, FdBacking, MapRequest, Prot};
+/// use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dma = DmaSpace::default();
+///
+/// // What a transport does on the client's DMA_MAP: 64 KiB of a shared file at IOVA 1 MiB.
+/// let path = std::env::temp_dir().join(format!("unidev-doc-dma-{}", std::process::id()));
+/// let file = std::fs::OpenOptions::new()
+///     .read(true)
+///     .write(true)
+///     .create(true)
+///     .truncate(true)
+///     .open(&path)?;
+/// file.set_len(0x1_0000)?;
+/// dma.map(MapRequest {
+///     iova: 0x10_0000,
+///     size: 0x1_0000,
+///     prot: Prot::READ_WRITE,
+///     backing: Some(FdBacking { file, offset: 0 }),
+/// })?;
+/// dma.publish(); // once per batch of client messages
+///
+/// // The device reads and writes by IOVA; ranges and permissions are checked.
+/// dma.write(0x10_0010, b"hello")?;
+/// let mut back = [0; 5];
+/// dma.read(0x10_0010, &mut back)?;
+/// assert_eq!(&back, b"hello");
+/// assert!(dma.read(0x20_0000, &mut back).is_err(), "not mapped");
+///
+/// // The same bytes, through the snapshot a virtio backend reads without locks.
+/// let mem = dma.snapshot().memory();
+/// mem.read_slice(&mut back, GuestAddress(0x10_0010))?;
+/// assert_eq!(&back, b"hello");
+/// # drop(mem);
+/// # std::fs::remove_file(&path)?;
+/// # Ok(())
+/// # }
+/// ```
 pub struct DmaSpace {
     table: Mutex<MapTable>,
     snapshot: GuestMemorySnapshot,

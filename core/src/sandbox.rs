@@ -1,5 +1,8 @@
 //! Seccomp filters for the threads that process guest-controlled data (issue 7).
 //!
+//! **Experimental**: the policy switch is the daemon's, and the allow-lists grow with
+//! the backends; the API may change in any 0.y release (`docs/api-stability.md`).
+//!
 //! Guest-controlled data — descriptor tables, rings, request headers, buffers — is parsed
 //! on a few threads only: the vring workers of [`LocalVirtio`](crate::virtio::LocalVirtio)
 //! (they run the backend's `handle_event`), the interrupt relay of

@@ -208,6 +208,20 @@ impl VduseTarget {
 }
 
 /// The transport a device is exported over, and where.
+///
+/// ```
+/// use unidev_transports::export::{Transport, VduseTarget};
+/// use unidev_transports::vduse::VdpaDriver;
+///
+/// let pci = Transport::vfio_user("/run/unidev/card.sock");
+/// let blk = Transport::vhost_user(std::path::PathBuf::from("/run/unidev/disk.sock"));
+/// // A kernel block device /dev/vdX (root and the vduse module needed).
+/// let kernel = Transport::Vduse(VduseTarget::new("disk0").attach(VdpaDriver::VirtioVdpa));
+/// assert_eq!(
+///     [pci.name(), blk.name(), kernel.name()],
+///     ["vfio-user", "vhost-user", "vduse"]
+/// );
+/// ```
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum Transport {

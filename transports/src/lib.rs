@@ -107,7 +107,7 @@
 //! [`export`] uses of them ([`vfio_user::ServerConfig`], [`listener`],
 //! [`vduse::VdpaDriver`]), the rest — sessions, codecs, the clients
 //! ([`vfio_user::client`], [`vfio_user::virtio_driver`]) and VDUSE internals — is
-//! experimental and may change in any release.
+//! experimental and may change in any 0.y release.
 //!
 //! [`PciDevice`]: unidev_core::pci::PciDevice
 #![deny(missing_docs)]

@@ -491,6 +491,39 @@ impl MsiLayout {
 
 /// Describes a function's configuration space; [`build`](ConfigSpaceBuilder::build)
 /// checks the description and lays it out.
+///
+/// # Example
+///
+/// A function with a memory BAR, an MSI-X capability whose table lives in it, and the
+/// BAR sizing probe every firmware and OS runs on it:
+///
+/// ```
+/// use unidev_core::pci::{Bar, Capability, ConfigSpace};
+///
+/// let mut config = ConfigSpace::builder(0x1234, 0xabcd)
+///     .class(0x05, 0x80, 0x00) // memory controller, other
+///     .interrupt_pin(1)
+///     .bar(0, Bar::mem64(0x4000).prefetchable())
+///     .capability(Capability::Msix {
+///         table_size: 4,
+///         table_bar: 0,
+///         table_offset: 0,
+///         pba_bar: 0,
+///         pba_offset: 0x1000,
+///     })
+///     .build()
+///     .unwrap();
+/// assert_eq!(config.size(), 256);
+/// assert_eq!((config.vendor_id(), config.device_id()), (0x1234, 0xabcd));
+///
+/// // Write all-ones to the BAR, read back the size mask (PCI 3.0 6.2.5.1).
+/// let changed = config.write(0x10, &[0xff; 4]);
+/// assert!(changed.bar(0));
+/// let mut low = [0; 4];
+/// config.read(0x10, &mut low);
+/// assert_eq!(u32::from_le_bytes(low) & !0xf, !(0x4000 - 1));
+/// assert!(config.find_capability(Capability::ID_MSIX).is_some());
+/// ```
 #[derive(Clone, Debug)]
 pub struct ConfigSpaceBuilder {
     vendor: u16,

@@ -67,6 +67,14 @@ pub enum QueueError {
 
 /// A virtio device as a transport sees it. Methods take `&self` (implementations use
 /// interior mutability) so that interrupt routing can update call fds from any thread.
+///
+/// Device authors do not implement this trait: they implement rust-vmm's
+/// `vhost_user_backend::VhostUserBackend`, and [`LocalVirtio`](super::LocalVirtio) turns it
+/// into a `VirtioDevice` (`unidev_transports::export::Export::virtio` does that for
+/// them). Implement it directly only for a device whose queues run somewhere else, as
+/// compat's vhost-user proxy does. The transports call it: vhost-user from its messages,
+/// VDUSE from the kernel's requests, and [`VirtioPci`](super::VirtioPci) from PCI register
+/// writes (which is how it reaches vfio-user).
 pub trait VirtioDevice: Send + Sync {
     /// The virtio device type (virtio 1.2 section 5: 2 = block, 4 = entropy, ...).
     fn device_type(&self) -> u32;

@@ -1,6 +1,9 @@
 //! A crash-recovery log of in-flight requests for split virtqueues, kept in shared memory
 //! that outlives the daemon.
 //!
+//! **Experimental**: used by the vhost-user transport; a device never needs it (logging
+//! is automatic for every `LocalVirtio`), and it may change in any 0.y release.
+//!
 //! The layout is the one vhost-user.rst defines under "Inflight I/O tracking" (the
 //! `INFLIGHT_SHMFD` protocol feature): per queue, a 16-byte header (`features`, `version`,
 //! `desc_num`, `last_batch_head`, `used_idx`) followed by one 16-byte `DescStateSplit`

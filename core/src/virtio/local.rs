@@ -20,7 +20,7 @@
 //!
 //! A worker's thread starts with the first of its queues, so a device no driver has set
 //! up costs no thread (many idle devices in one daemon). It starts under the process's
-//! seccomp policy ([`sandbox`](crate::sandbox)): filtered before it touches a ring, or,
+//! seccomp policy ([`crate::sandbox`]): filtered before it touches a ring, or,
 //! if the filter cannot be installed, not at all (the queue start fails).
 //!
 //! Adaptive polling (a per-device option): after handling a kick, a worker keeps
@@ -133,7 +133,68 @@ struct LocalState {
     event_idx: bool,
 }
 
-/// A `VhostUserBackend` whose queues run on unidev's dispatch.
+/// A `VhostUserBackend` whose queues run on unidev's dispatch: how a rust-vmm backend
+/// becomes a [`VirtioDevice`] that every transport drives.
+///
+/// The backend is called exactly as `vhost_user_backend::VhostUserDaemon` calls it (see
+/// the module documentation), so a backend written for rust-vmm's daemon runs unchanged.
+/// What it must provide: `num_queues`, `max_queue_size`, `features` (virtio feature
+/// bits; `VHOST_USER_F_PROTOCOL_FEATURES` is ignored), `get_config` for its config space,
+/// `update_memory` (keep the snapshot: guest addresses in the rings are read through it),
+/// and `handle_event`, which pops chains from the vring, completes them with `add_used`
+/// and signals with `signal_used_queue`. `protocol_features` is not used: each transport
+/// offers its own.
+///
+/// `unidev_transports::export::Export::virtio` builds one and exports it; the repository's
+/// `examples/virtio_ramdisk.rs` is a complete backend (a virtio-blk RAM disk).
+///
+/// # Example
+///
+/// ```
+/// use std::io;
+/// use std::sync::Arc;
+/// use unidev_core::memory::DmaSpace;
+/// use unidev_core::virtio::{DispatchOptions, LocalVirtio, VirtioDevice};
+/// use vhost::vhost_user::message::VhostUserProtocolFeatures;
+/// use vhost_user_backend::{VhostUserBackend, VringRwLock};
+/// use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+/// use vmm_sys_util::epoll::EventSet;
+///
+/// /// An entropy device whose one queue never completes anything.
+/// struct Idle;
+///
+/// impl VhostUserBackend for Idle {
+///     type Bitmap = ();
+///     type Vring = VringRwLock;
+///     fn num_queues(&self) -> usize { 1 }
+///     fn max_queue_size(&self) -> usize { 256 }
+///     fn features(&self) -> u64 { 1 << 32 } // VIRTIO_F_VERSION_1
+///     fn protocol_features(&self) -> VhostUserProtocolFeatures {
+///         VhostUserProtocolFeatures::empty()
+///     }
+///     fn set_event_idx(&self, _enabled: bool) {}
+///     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+///         (offset..offset + size).map(|i| i as u8).collect()
+///     }
+///     fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+///         Ok(())
+///     }
+///     fn handle_event(&self, _event: u16, _set: EventSet, _vrings: &[VringRwLock], _thread: usize)
+///         -> io::Result<()> {
+///         Ok(())
+///     }
+/// }
+///
+/// let dma = Arc::new(DmaSpace::default());
+/// // Type 4: entropy. No thread runs until a queue starts.
+/// let device = LocalVirtio::new(4, Arc::new(Idle), &dma, DispatchOptions::default()).unwrap();
+/// assert_eq!(device.device_type(), 4);
+/// assert_eq!((device.num_queues(), device.max_queue_size()), (1, 256));
+/// assert_eq!(device.features(), 1 << 32);
+/// let mut config = [0; 4];
+/// device.read_config(2, &mut config);
+/// assert_eq!(config, [2, 3, 4, 5]);
+/// ```
 pub struct LocalVirtio<B>
 where
     B: VhostUserBackend<Bitmap = (), Vring = VringRwLock> + Clone + 'static,

@@ -173,6 +173,53 @@ impl Router {
 }
 
 /// A virtio device exported as a PCI function.
+///
+/// # Example
+///
+/// Any [`VirtioDevice`] (here a `VhostUserBackend` run by
+/// [`LocalVirtio`](super::LocalVirtio)) as a virtio-pci function, which a PCI transport
+/// serves like any other [`PciDevice`]:
+///
+/// ```
+/// # use std::io;
+/// # use vhost::vhost_user::message::VhostUserProtocolFeatures;
+/// # use vhost_user_backend::{VhostUserBackend, VringRwLock};
+/// # use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+/// # use vmm_sys_util::epoll::EventSet;
+/// # struct Idle;
+/// # impl VhostUserBackend for Idle {
+/// #     type Bitmap = ();
+/// #     type Vring = VringRwLock;
+/// #     fn num_queues(&self) -> usize { 2 }
+/// #     fn max_queue_size(&self) -> usize { 256 }
+/// #     fn features(&self) -> u64 { 1 << 32 }
+/// #     fn protocol_features(&self) -> VhostUserProtocolFeatures {
+/// #         VhostUserProtocolFeatures::empty()
+/// #     }
+/// #     fn set_event_idx(&self, _enabled: bool) {}
+/// #     fn update_memory(&self, _: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+/// #         Ok(())
+/// #     }
+/// #     fn handle_event(&self, _: u16, _: EventSet, _: &[VringRwLock], _: usize) -> io::Result<()> {
+/// #         Ok(())
+/// #     }
+/// # }
+/// use std::sync::Arc;
+/// use unidev_core::memory::DmaSpace;
+/// use unidev_core::pci::{PciDevice, PciRegion};
+/// use unidev_core::virtio::{DispatchOptions, LocalVirtio, VirtioPci, VirtioPciOptions};
+///
+/// let dma = Arc::new(DmaSpace::default());
+/// let device = LocalVirtio::new(4, Arc::new(Idle), &dma, DispatchOptions::default()).unwrap();
+/// let mut pci = VirtioPci::new("idle", device, dma, VirtioPciOptions::default()).unwrap();
+///
+/// // Vendor 0x1af4, device 0x1040 + 4 (a modern virtio entropy device).
+/// let mut ids = [0; 4];
+/// pci.read(PciRegion::Config, 0, &mut ids).unwrap();
+/// assert_eq!(ids, [0xf4, 0x1a, 0x44, 0x10]);
+/// // One MSI-X vector for configuration changes and one per queue.
+/// assert_eq!(pci.irq_layout().count(unidev_core::irq::IrqKind::Msix), 3);
+/// ```
 pub struct VirtioPci {
     name: String,
     config: ConfigSpace,

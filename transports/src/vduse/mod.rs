@@ -20,6 +20,12 @@
 //! The kernel (6.12) accepts virtio-blk and virtio-net devices only, requires
 //! `VIRTIO_F_ACCESS_PLATFORM`, and exposes the config space read-only.
 //!
+//! Stability: device authors use [`crate::export`] (`Transport::Vduse`), which names
+//! [`VdpaDriver`], [`VduseError`], [`VdpaError`] and [`DEFAULT_CONTROL_PATH`] from here
+//! (stable). The VDUSE internals — [`uapi`], [`control`], [`iotlb`], [`session`],
+//! [`server`], [`vdpa_netlink`] beyond those names — are **experimental** and may change
+//! in any 0.y release (`docs/api-stability.md`).
+//!
 //! [`VirtioDevice`]: unidev_core::virtio::VirtioDevice
 //! [`DmaSpace`]: unidev_core::memory::DmaSpace
 //! [`EventLoop`]: unidev_core::dispatch::EventLoop

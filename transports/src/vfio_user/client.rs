@@ -1,5 +1,8 @@
 //! A vfio-user client: what a VMM does on the other end of the socket, as a library.
 //!
+//! **Experimental**: a tool for tests, benchmarks and diagnostics; its API may change in
+//! any 0.y release (`docs/api-stability.md`).
+//!
 //! Connects, negotiates VERSION, queries device/region/irq info (with the region fd and
 //! sparse-mmap areas), maps memory (with or without an fd), attaches irq eventfds, does
 //! region reads and writes (posted or acknowledged), resets, and serves the server's

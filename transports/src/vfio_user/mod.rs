@@ -9,6 +9,11 @@
 //! * [`client`] — the other end, as a library (tests, benchmarks, tools).
 //! * [`virtio_driver`] — a virtio-pci driver on top of the client.
 //!
+//! Stability: device authors use [`crate::export`], which takes a [`ServerConfig`] (stable,
+//! with [`DmaRwLayout`]). Everything else here — the server type, the session, codec and
+//! socket, the [`client`] and the [`virtio_driver`] (test and benchmark tools) — is
+//! **experimental** and may change in any 0.y release (`docs/api-stability.md`).
+//!
 //! Differences from the spec text, where QEMU wins (see `DmaRwLayout`): DMA_READ and
 //! DMA_WRITE payload layout, and DMA_WRITE's header-only reply. Twin-socket mode is not
 //! offered (QEMU does not use it); DMA requests travel on the main socket and commands

@@ -2,6 +2,9 @@
 //! device exported over vfio-user without a VMM (virtio 1.2, section 4.1 "Virtio Over PCI
 //! Bus", modern interface only; split virtqueues, section 2.7).
 //!
+//! **Experimental**: a tool for tests and benchmarks; its API may change in any 0.y release
+//! (`docs/api-stability.md`).
+//!
 //! What it does, in the order a driver does it:
 //!
 //! 1. **Probe** ([`VirtioPciDriver::attach`]): reads PCI config space (region 7), walks the
@@ -886,12 +889,12 @@ impl SplitRingLayout {
         Self::DESC_SIZE * u64::from(self.size)
     }
 
-    /// Bytes of the available ring: flags, idx, ring[size], used_event.
+    /// Bytes of the available ring: flags, idx, `ring[size]`, used_event.
     pub fn avail_ring_size(&self) -> u64 {
         6 + 2 * u64::from(self.size)
     }
 
-    /// Bytes of the used ring: flags, idx, ring[size] (id, len), avail_event.
+    /// Bytes of the used ring: flags, idx, `ring[size]` (id, len), avail_event.
     pub fn used_ring_size(&self) -> u64 {
         6 + Self::USED_ELEM_SIZE * u64::from(self.size)
     }

@@ -19,6 +19,10 @@
 //!
 //! * [`status`] — SET_STATUS/GET_STATUS, which the `vhost` crate cannot dispatch.
 //!
+//! Stability: device authors use [`crate::export`] (`Transport::VhostUser`); the server,
+//! session and status types here are **experimental** and may change in any 0.y release
+//! (`docs/api-stability.md`).
+//!
 //! [`VirtioDevice`]: unidev_core::virtio::VirtioDevice
 //! [`DmaSpace`]: unidev_core::memory::DmaSpace
 //! [`InflightRegion`]: unidev_core::virtio::InflightRegion
