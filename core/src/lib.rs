@@ -7,6 +7,7 @@
 //! * [`virtio`] — virtio devices: any `VhostUserBackend` on the shared dispatch, and
 //!   the virtio-pci function that exports it to PCI transports.
 //! * [`sandbox`] — optional seccomp filters for the threads that handle guest data.
+//! * [`limits`] — kernel limits (open files, memory maps) and privileges, named in errors.
 //!
 //! The core knows no wire protocol: transports translate their messages into calls on
 //! these types, and backends implement devices against them without knowing which
@@ -48,6 +49,7 @@
 
 pub mod dispatch;
 pub mod irq;
+pub mod limits;
 pub mod memory;
 pub mod pci;
 pub mod sandbox;

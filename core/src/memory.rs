@@ -107,8 +107,9 @@ pub enum MemoryError {
     /// The configured cap on maps is reached.
     #[error("too many DMA maps (limit {0})")]
     TooManyMaps(usize),
-    /// `mmap` of the client's file descriptor failed.
-    #[error("cannot mmap DMA map {iova:#x}+{size:#x}: {source}")]
+    /// `mmap` of the client's file descriptor failed (the message names the kernel
+    /// limit behind `ENOMEM`, see [`crate::limits`]).
+    #[error("cannot mmap DMA map {iova:#x}+{size:#x}: {}", crate::limits::describe_mmap(.source))]
     Mmap {
         /// Start of the range.
         iova: u64,

@@ -10,9 +10,19 @@
 //! connect at all; a [`PeerPolicy`] additionally checks each accepted connection's
 //! SO_PEERCRED uid against an allow-list, so that a server refuses (and logs) any other
 //! local user even where file permissions are wider.
+//!
+//! Nothing here needs privileges: the daemon's user owns the socket; giving it to a group
+//! needs that user to be in the group (or the socket directory to be set-group-ID with
+//! that group, so the socket is born with it). [`accept`] is the accept step of every
+//! socket transport: when the open files limit is reached it names the limit (through
+//! `unidev_core::limits`) and sheds the waiting connection with a reserved descriptor,
+//! instead of spinning on a listener that stays readable.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Mutex;
+
+use log::error;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -44,6 +54,33 @@ pub enum ListenError {
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> ListenError + 'a {
     move |source| ListenError::Io {
         what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The socket cannot be given to group `gid`: with EPERM, the daemon's user is not a
+/// member (and has no CAP_CHOWN); the error says so and what to do.
+fn group_error(e: io::Error, path: &Path, gid: u32) -> ListenError {
+    let source = if e.raw_os_error() == Some(libc::EPERM) {
+        let who = unidev_core::limits::Identity::current()
+            .map(|id| id.to_string())
+            .unwrap_or_else(|| "an unknown user".into());
+        io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{e}: the daemon is not a member of group {gid} (it runs as {who}); start \
+                 unidev with {gid} among its groups (e.g. `setpriv --groups={gid}`, or add \
+                 the user to the group), or make the socket directory set-group-ID with \
+                 group {gid} (`chgrp {gid} DIR && chmod g+s DIR`) so that sockets are born \
+                 with it"
+            ),
+        )
+    } else {
+        e
+    };
+    ListenError::Io {
+        what: "cannot set the group of",
         path: path.to_path_buf(),
         source,
     }
@@ -91,7 +128,7 @@ pub fn bind_with(path: &Path, mode: u32, group: Option<u32>) -> Result<UnixListe
         .map_err(cleanup)?;
     if let Some(gid) = group {
         std::os::unix::fs::chown(&tmp, None, Some(gid))
-            .map_err(io_err("cannot set the group of", &tmp))
+            .map_err(|e| group_error(e, path, gid))
             .map_err(cleanup)?;
     }
     // Re-check right before replacing: never clobber a non-socket.
@@ -105,6 +142,54 @@ pub fn bind_with(path: &Path, mode: u32, group: Option<u32>) -> Result<UnixListe
         .map_err(io_err("cannot move socket to", path))
         .map_err(cleanup)?;
     Ok(listener)
+}
+
+/// A descriptor kept in reserve for [`accept`]: when the open files limit is reached, it
+/// is closed to make room for accepting (and at once closing) the waiting connection,
+/// then taken again. One for the whole process: accept steps run one at a time per
+/// listener, and the lock serialises the rest.
+static SPARE_FD: Mutex<Option<OwnedFd>> = Mutex::new(None);
+
+fn open_spare() -> io::Result<OwnedFd> {
+    std::fs::File::open("/dev/null").map(OwnedFd::from)
+}
+
+/// Keep the reserve descriptor [`accept`] sheds connections with (servers call this when
+/// they are created, while descriptors are still free).
+pub fn reserve_fd() {
+    let mut spare = SPARE_FD.lock().unwrap_or_else(|e| e.into_inner());
+    if spare.is_none() {
+        *spare = open_spare().ok();
+    }
+}
+
+/// Accept the next connection on `listener` (non-blocking); `None` when there was none or
+/// it failed (logged, prefixed with `name`). When the open files limit is reached the
+/// error names it (`unidev_core::limits`) and the waiting connection is accepted into
+/// the reserve descriptor's slot and closed, so the client sees its connection end
+/// rather than hang, and a level-triggered event loop does not spin on the listener.
+pub fn accept(listener: &UnixListener, name: &str) -> Option<UnixStream> {
+    let err = match listener.accept() {
+        Ok((s, _)) => return Some(s),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
+        Err(e) => e,
+    };
+    let text = unidev_core::limits::describe(&err);
+    if !matches!(err.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) {
+        error!("{name}: accept failed: {text}");
+        return None;
+    }
+    let mut spare = SPARE_FD.lock().unwrap_or_else(|e| e.into_inner());
+    let shed = spare.take().is_some() && listener.accept().is_ok();
+    *spare = open_spare().ok();
+    if shed {
+        error!("{name}: accept failed, connection closed: {text}");
+    } else {
+        // Nothing to shed with: wait a little rather than spin on the readable listener.
+        error!("{name}: accept failed: {text}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    None
 }
 
 /// The credentials (pid, uid, gid) of a connected peer, from SO_PEERCRED.

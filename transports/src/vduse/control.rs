@@ -12,6 +12,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use log::{debug, info, warn};
+use unidev_core::limits::Identity;
 use unidev_core::virtio::VirtioDevice;
 use vm_memory::ByteValued;
 use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ptr, ioctl_with_ref};
@@ -48,22 +49,17 @@ pub const VQ_ALIGN: u32 = 4096;
 /// What went wrong setting up or serving a VDUSE device.
 #[derive(Debug, thiserror::Error)]
 pub enum VduseError {
-    /// The control device does not exist: the modules are not loaded.
-    #[error(
-        "{path} does not exist: VDUSE is not available. Load the kernel modules: \
-         `modprobe vduse` (pulls in `vdpa`), and the vDPA bus driver the device should \
-         bind to: `modprobe virtio_vdpa` (the device appears in this kernel) or \
-         `modprobe vhost_vdpa` (for a VMM through /dev/vhost-vdpa-N)"
-    )]
+    /// The control device does not exist: the modules are not loaded. When the process
+    /// is not root, the message adds that VDUSE needs root as well (loading the modules
+    /// alone would not do).
+    #[error("{}", not_available(path, Identity::current().as_ref()))]
     NotAvailable {
         /// The control path tried.
         path: PathBuf,
     },
-    /// Opening a VDUSE file or an ioctl on it was refused for lack of privilege.
-    #[error(
-        "{what}: permission denied: VDUSE needs root (CAP_SYS_ADMIN on the control device, \
-         CAP_NET_ADMIN as well for network devices)"
-    )]
+    /// Opening a VDUSE file or an ioctl on it was refused for lack of privilege. The
+    /// message says who the process runs as.
+    #[error("{}", permission_denied(what, Identity::current().as_ref()))]
     PermissionDenied {
         /// What was attempted.
         what: String,
@@ -131,6 +127,41 @@ pub enum VduseError {
         /// The OS error.
         source: io::Error,
     },
+}
+
+/// What the kernel requires (Linux 6.12's `vduse.ko` calls `capable()` only for
+/// `CAP_NET_ADMIN`, on creating a virtio-net device; the rest is file permissions).
+const NEEDS_ROOT: &str = "VDUSE needs root: the kernel makes /dev/vduse/control and \
+     /dev/vduse/NAME root-only (mode 0600), and creating a virtio-net device or attaching \
+     to the vDPA bus (--attach, `vdpa dev add`) needs CAP_NET_ADMIN";
+
+/// The way out for someone who does not want to run unidev as root.
+const ONLY_VDUSE: &str = "Run `unidev serve --transport vduse` as root (e.g. with sudo); \
+     the vfio-user and vhost-user transports need no privileges";
+
+/// The message of [`VduseError::NotAvailable`] for a process running as `who` (None:
+/// unknown): the modules to load, and for anyone but root that root is needed too.
+fn not_available(path: &Path, who: Option<&Identity>) -> String {
+    let mut text = format!(
+        "{} does not exist: VDUSE is not available (the kernel module `vduse` is not loaded, \
+         or /dev/vduse is not visible here). Load the kernel modules: `modprobe vduse` \
+         (pulls in `vdpa`), and the vDPA bus driver the device should bind to: `modprobe \
+         virtio_vdpa` (the device appears in this kernel) or `modprobe vhost_vdpa` (for a VMM \
+         through /dev/vhost-vdpa-N)",
+        path.display()
+    );
+    if let Some(who) = who.filter(|id| id.euid != 0) {
+        text.push_str(&format!(
+            ". Besides, {NEEDS_ROOT}; this process runs as {who}. {ONLY_VDUSE}"
+        ));
+    }
+    text
+}
+
+/// The message of [`VduseError::PermissionDenied`] for a process running as `who`.
+fn permission_denied(what: &str, who: Option<&Identity>) -> String {
+    let who = who.map_or_else(|| "an unknown user".to_string(), |id| id.to_string());
+    format!("{what}: permission denied: {NEEDS_ROOT}; this process runs as {who}. {ONLY_VDUSE}")
 }
 
 impl VduseError {
@@ -534,6 +565,25 @@ mod tests {
         for module in ["modprobe vduse", "vdpa", "virtio_vdpa", "vhost_vdpa"] {
             assert!(msg.contains(module), "{msg:?} should mention {module}");
         }
+        // Root is told only about the modules; anyone else also that root is needed.
+        let path = Path::new("/dev/vduse/control");
+        let id = |uid| Identity {
+            uid,
+            euid: uid,
+            cap_eff: 0,
+        };
+        let root = not_available(path, Some(&id(0)));
+        assert!(!root.contains("needs root"), "{root}");
+        assert_eq!(not_available(path, None), root);
+        let user = not_available(path, Some(&id(1500)));
+        assert!(user.starts_with(&root), "{user}");
+        assert!(
+            user.contains(
+                "Besides, VDUSE needs root: the kernel makes /dev/vduse/control and \
+                 /dev/vduse/NAME root-only (mode 0600)"
+            ) && user.contains("this process runs as uid 1500 (effective 1500), no capabilities"),
+            "{user}"
+        );
     }
 
     #[test]
@@ -552,7 +602,17 @@ mod tests {
     fn permission_errors_say_root_is_needed() {
         let e = VduseError::from_os("open", io::Error::from_raw_os_error(libc::EACCES));
         assert!(matches!(e, VduseError::PermissionDenied { .. }));
-        assert!(e.to_string().contains("CAP_SYS_ADMIN"), "{e}");
+        let text = e.to_string();
+        for needle in [
+            "open: permission denied: VDUSE needs root",
+            "root-only (mode 0600)",
+            "CAP_NET_ADMIN",
+            "this process runs as uid ",
+            "need no privileges",
+        ] {
+            assert!(text.contains(needle), "{needle:?} in {text}");
+        }
+        assert!(!text.contains("modprobe"), "{text}");
         let e = VduseError::from_os("ioctl", io::Error::from_raw_os_error(libc::EPERM));
         assert!(e.to_string().contains("root"), "{e}");
         let e = VduseError::from_os("ioctl", io::Error::from_raw_os_error(libc::EIO));

@@ -49,6 +49,7 @@ impl VfioUserServer {
         config: ServerConfig,
     ) -> io::Result<Self> {
         listener.set_nonblocking(true)?;
+        crate::listener::reserve_fd();
         Ok(VfioUserServer {
             name: name.into(),
             listener: Arc::new(listener),
@@ -86,13 +87,8 @@ impl VfioUserServer {
             self.listener.as_raw_fd(),
             epoll::Events::EPOLLIN,
             move |ctx, _| {
-                let stream = match listener.accept() {
-                    Ok((s, _)) => s,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Control::Continue,
-                    Err(e) => {
-                        error!("{name}: accept failed: {e}");
-                        return Control::Continue;
-                    }
+                let Some(stream) = crate::listener::accept(&listener, &name) else {
+                    return Control::Continue;
                 };
                 if let Err(why) = peers.admit(&stream) {
                     warn!("{name}: refusing a connection: {why}");
@@ -136,7 +132,10 @@ impl VfioUserServer {
                 ) {
                     Ok(s) => s,
                     Err(e) => {
-                        error!("{session_name}: cannot start session: {e}");
+                        error!(
+                            "{session_name}: cannot start session: {}",
+                            unidev_core::limits::describe(&e)
+                        );
                         return Control::Continue;
                     }
                 };

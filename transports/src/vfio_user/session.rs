@@ -346,6 +346,14 @@ impl Session {
                 return self.state();
             }
             Err(e) => {
+                // Descriptors the kernel could not pass: the message was read, answer it.
+                if let Some((&header, errno)) = e.lost_fds() {
+                    let lost = std::io::Error::from_raw_os_error(errno);
+                    let why = unidev_core::limits::fds_lost(&lost);
+                    warn!("{}: {header:?}: {why}", self.name);
+                    self.send_error(&header, errno);
+                    return self.state();
+                }
                 warn!("{}: dropping connection: {e}", self.name);
                 return SessionState::Closed;
             }

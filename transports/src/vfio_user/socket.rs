@@ -5,7 +5,9 @@
 //! Receiving validates only what framing needs: a size below the header size cannot be
 //! framed (the connection must end); a size over the limit is drained and reported so
 //! the session can answer `E2BIG` and keep going; more fds than allowed are closed and
-//! reported. Sends are serialized by a lock so replies and server-initiated DMA requests
+//! reported; fds the kernel could not pass (this process's open files limit was reached)
+//! are reported once the message is read in full, so the session can answer the error
+//! and the connection stays framed. Sends are serialized by a lock so replies and server-initiated DMA requests
 //! from other threads never interleave.
 
 use std::io::{self, IoSlice};
@@ -80,6 +82,45 @@ pub enum RecvError {
     },
 }
 
+/// Descriptors sent with a message did not arrive: the kernel could not install them
+/// (`errno` EMFILE: this process's open files limit; ENFILE: the system's) or the control
+/// buffer was too small (ENOBUFS). Those that did arrive were closed; the message was read
+/// in full, so the connection is still framed. Carried in [`RecvError::Io`] (see
+/// [`RecvError::lost_fds`]).
+#[derive(Debug)]
+struct FdsLost {
+    header: Header,
+    errno: i32,
+}
+
+impl std::fmt::Display for FdsLost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "file descriptors sent with the message were lost ({})",
+            io::Error::from_raw_os_error(self.errno)
+        )
+    }
+}
+
+impl std::error::Error for FdsLost {}
+
+impl RecvError {
+    /// When descriptors sent with a message did not arrive (the kernel could not install
+    /// them: errno EMFILE, this process's open files limit, or ENFILE; or ENOBUFS), the
+    /// message's header and that errno. The message was read in full: answer the errno
+    /// and go on with the connection.
+    pub fn lost_fds(&self) -> Option<(&Header, i32)> {
+        match self {
+            RecvError::Io(e) => e
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<FdsLost>())
+                .map(|l| (&l.header, l.errno)),
+            _ => None,
+        }
+    }
+}
+
 /// Limits applied to incoming messages.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
@@ -128,7 +169,15 @@ impl MessageSocket {
     /// on the stack (room for [`SCM_MAX_FD`] descriptors): this runs twice per message,
     /// and allocating and initialising a buffer that size each time cost more than the
     /// rest of a small message's handling.
-    fn recv_part(&self, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> io::Result<usize> {
+    ///
+    /// Descriptors the kernel dropped (`MSG_CTRUNC`) are recorded in `lost` (with the
+    /// errno that explains it) and those received with them closed; the bytes still count.
+    fn recv_part(
+        &self,
+        buf: &mut [u8],
+        fds: &mut Vec<OwnedFd>,
+        lost: &mut Option<i32>,
+    ) -> io::Result<usize> {
         let mut iov = iovec {
             iov_base: buf.as_mut_ptr().cast(),
             iov_len: buf.len(),
@@ -180,19 +229,49 @@ impl MessageSocket {
                 cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
             }
             if msg.msg_flags & libc::MSG_CTRUNC != 0 {
-                // Descriptors were lost: the message cannot be handled as sent. Those
-                // received are closed (dropped) with the error.
+                // Descriptors were lost: the message cannot be handled as sent. With room
+                // left in the control buffer, the kernel failed to install them (its
+                // scm_detach_fds stops at the first that fails): the descriptor table is
+                // full. Those received are closed (dropped).
+                let errno = if fds.len() - first < SCM_MAX_FD {
+                    self.fd_table_errno()
+                } else {
+                    libc::ENOBUFS
+                };
                 fds.truncate(first);
-                return Err(io::Error::from_raw_os_error(libc::ENOBUFS));
+                lost.get_or_insert(errno);
             }
             return Ok(n as usize);
         }
     }
 
-    fn recv_exact(&self, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> Result<usize, io::Error> {
+    /// Why the kernel could not install a received descriptor: EMFILE or ENFILE, as a
+    /// probe duplicating one now reports (the table is still as full as it was, the
+    /// descriptors that did arrive with the message not yet closed); EMFILE when the
+    /// probe succeeds (another thread closed one meanwhile).
+    fn fd_table_errno(&self) -> i32 {
+        // SAFETY: F_DUPFD_CLOEXEC on our own socket; a new descriptor is closed at once.
+        let probe = unsafe { libc::fcntl(self.stream.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+        if probe >= 0 {
+            // SAFETY: `probe` was just created here and is owned by nothing else.
+            unsafe { libc::close(probe) };
+            return libc::EMFILE;
+        }
+        match io::Error::last_os_error().raw_os_error() {
+            Some(libc::ENFILE) => libc::ENFILE,
+            _ => libc::EMFILE,
+        }
+    }
+
+    fn recv_exact(
+        &self,
+        buf: &mut [u8],
+        fds: &mut Vec<OwnedFd>,
+        lost: &mut Option<i32>,
+    ) -> Result<usize, io::Error> {
         let mut got = 0;
         while got < buf.len() {
-            let n = self.recv_part(&mut buf[got..], fds)?;
+            let n = self.recv_part(&mut buf[got..], fds, lost)?;
             if n == 0 {
                 return Ok(got);
             }
@@ -204,8 +283,9 @@ impl MessageSocket {
     /// Receive one whole message (blocking until it is complete or the read times out).
     pub fn recv(&self) -> Result<Message, RecvError> {
         let mut fds = Vec::new();
+        let mut lost = None;
         let mut hbuf = [0u8; HEADER_SIZE];
-        let got = self.recv_exact(&mut hbuf, &mut fds)?;
+        let got = self.recv_exact(&mut hbuf, &mut fds, &mut lost)?;
         if got == 0 {
             return Err(RecvError::Closed);
         }
@@ -229,7 +309,7 @@ impl MessageSocket {
                     "message size {size} is absurd ({header:?})"
                 )));
             }
-            self.drain(payload_len, &mut fds)?;
+            self.drain(payload_len, &mut fds, &mut lost)?;
             return Err(RecvError::TooBig {
                 header,
                 size,
@@ -237,12 +317,15 @@ impl MessageSocket {
             });
         }
         let mut payload = vec![0u8; payload_len];
-        let got = self.recv_exact(&mut payload, &mut fds)?;
+        let got = self.recv_exact(&mut payload, &mut fds, &mut lost)?;
         if got < payload_len {
             return Err(RecvError::Io(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 format!("connection closed after {got} of {payload_len} payload bytes"),
             )));
+        }
+        if let Some(errno) = lost {
+            return Err(RecvError::Io(io::Error::other(FdsLost { header, errno })));
         }
         if fds.len() > self.limits.max_fds {
             return Err(RecvError::TooManyFds {
@@ -258,11 +341,16 @@ impl MessageSocket {
         })
     }
 
-    fn drain(&self, mut left: usize, fds: &mut Vec<OwnedFd>) -> io::Result<()> {
+    fn drain(
+        &self,
+        mut left: usize,
+        fds: &mut Vec<OwnedFd>,
+        lost: &mut Option<i32>,
+    ) -> io::Result<()> {
         let mut scratch = [0u8; 4096];
         while left > 0 {
             let want = left.min(scratch.len());
-            let n = self.recv_part(&mut scratch[..want], fds)?;
+            let n = self.recv_part(&mut scratch[..want], fds, lost)?;
             if n == 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,

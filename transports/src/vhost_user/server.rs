@@ -12,8 +12,9 @@ use std::os::unix::net::UnixListener;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use log::{error, info, warn};
+use log::{info, warn};
 use unidev_core::dispatch::{Control, EventLoop, LoopContext, Readiness, StopHandle};
+use unidev_core::limits;
 use unidev_core::memory::DmaSpace;
 use unidev_core::virtio::VirtioDevice;
 use vhost::vhost_user::{BackendReqHandler, Error as VhostError};
@@ -62,6 +63,23 @@ fn is_fatal(e: &VhostError) -> bool {
     )
 }
 
+/// `e` for a log line; where a kernel limit caused it (EMFILE, ENFILE: a descriptor the
+/// handler needed), which limit and how to raise it (`unidev_core::limits`).
+/// Descriptors lost on their way in are caught before the crate reads the request (see
+/// [`status::peek_header`]).
+fn describe(e: &VhostError) -> String {
+    match e {
+        VhostError::ReqHandlerError(io)
+        | VhostError::SocketError(io)
+        | VhostError::SocketBroken(io)
+        | VhostError::SocketRetry(io) => match limits::Limit::of_fd_error(io) {
+            Some(limit) => format!("{e}: {}", limit.advice()),
+            None => e.to_string(),
+        },
+        _ => e.to_string(),
+    }
+}
+
 impl VhostUserServer {
     /// Serve `device`, whose guest memory is `dma`, to frontends of `listener`. `name`
     /// prefixes log lines.
@@ -72,6 +90,7 @@ impl VhostUserServer {
         dma: Arc<DmaSpace>,
     ) -> io::Result<Self> {
         listener.set_nonblocking(true)?;
+        crate::listener::reserve_fd();
         Ok(VhostUserServer {
             shared: Arc::new(Shared {
                 name: name.into(),
@@ -133,13 +152,8 @@ fn listener_handler(
     shared: Arc<Shared>,
 ) -> impl FnMut(&mut LoopContext, Readiness) -> Control + Send + 'static {
     move |ctx, _| {
-        let stream = match shared.listener.accept() {
-            Ok((s, _)) => s,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Control::Continue,
-            Err(e) => {
-                error!("{}: accept failed: {e}", shared.name);
-                return Control::Continue;
-            }
+        let Some(stream) = crate::listener::accept(&shared.listener, &shared.name) else {
+            return Control::Continue;
         };
         if let Err(why) = shared.peers.admit(&stream) {
             warn!("{}: refusing a connection: {why}", shared.name);
@@ -150,7 +164,11 @@ fn listener_handler(
             .and_then(|_| stream.set_read_timeout(Some(IO_TIMEOUT)))
             .and_then(|_| stream.set_write_timeout(Some(IO_TIMEOUT)));
         if let Err(e) = setup {
-            warn!("{}: cannot set up a connection: {e}", shared.name);
+            warn!(
+                "{}: cannot set up a connection: {}",
+                shared.name,
+                limits::describe(&e)
+            );
             return Control::Continue;
         }
         let session_name = format!("{}[fd {}]", shared.name, stream.as_raw_fd());
@@ -168,7 +186,12 @@ fn listener_handler(
             let header = match status::peek_header(fd) {
                 Ok(h) => h,
                 Err(e) => {
-                    warn!("{session_name}: dropping the connection: {e}");
+                    // A peek fails like that only for the request's descriptors.
+                    let why = match limits::Limit::of_fd_error(&e) {
+                        Some(_) => limits::fds_lost(&e),
+                        None => e.to_string(),
+                    };
+                    warn!("{session_name}: dropping the connection: {why}");
                     return end_session(ctx, &shared2, &session);
                 }
             };
@@ -195,18 +218,19 @@ fn listener_handler(
                     );
                     match header {
                         Some(h) if h.left_unanswered(protocol, handler_error) => warn!(
-                            "{session_name}: request {} refused ({e}); it needs a reply the \
+                            "{session_name}: request {} refused ({}); it needs a reply the \
                              handler could not give: dropping the connection",
-                            h.request
+                            h.request,
+                            describe(&e)
                         ),
                         _ => {
-                            warn!("{session_name}: request refused: {e}");
+                            warn!("{session_name}: request refused: {}", describe(&e));
                             return Control::Continue;
                         }
                     }
                 }
                 Err(VhostError::Disconnected) => info!("{session_name}: frontend disconnected"),
-                Err(e) => warn!("{session_name}: dropping the connection: {e}"),
+                Err(e) => warn!("{session_name}: dropping the connection: {}", describe(&e)),
             }
             end_session(ctx, &shared2, &session)
         });
