@@ -142,6 +142,7 @@ fn run_scenario(dir: &Path, scenario: &str, qemu_args: &[String]) -> GuestRun {
     let options = GuestOptions {
         files: vec![(static_unidev(), "/bin/unidev".into())],
         smp: Some(2),
+        ..GuestOptions::default()
     };
     spawn_guest_with(
         dir,

@@ -17,26 +17,26 @@
 //! without the daemon being in that group, and `--socket-group 1502` only confirms it.
 
 mod common;
+#[path = "common/unprivileged.rs"]
+mod unprivileged_common;
 
 use std::io::Read;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{test_dir, wait_for, Daemon};
+use common::{wait_for, Daemon};
 use unidev_transports::vfio_user::virtio_driver::{
     DriverMemory, DriverOptions, PlacedBlkRequest, VirtioBlkRequest, VirtioPciDriver, Virtqueue,
 };
 use unidev_transports::vfio_user::VfioUserClient;
+use unprivileged_common::{
+    as_user, check_daemon_identity, check_identity, serve_blk_args, status_field, Stage,
+    CLIENT_UID, DAEMON_UID, SHARED_GID, STRANGER_UID,
+};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vmm_sys_util::eventfd::EventFd;
-
-const DAEMON_UID: u32 = 1500;
-const CLIENT_UID: u32 = 1501;
-const SHARED_GID: u32 = 1502;
-const STRANGER_UID: u32 = 1503;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 const VERSION_1: u64 = 1 << 32;
@@ -51,112 +51,25 @@ const ROLE_ENV: &str = "UNIDEV_UNPRIV_ROLE";
 const SOCK_ENV: &str = "UNIDEV_UNPRIV_SOCK";
 const CLIENT_TEST: &str = "client_role";
 
-fn require_root() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "these tests run as root (as CI does): they make the unprivileged users themselves"
-    );
-}
-
-/// A test's directory (0755) with the daemon and this test binary in `bin/`, where any
-/// user can run them.
-struct Stage {
-    dir: PathBuf,
-    unidev: PathBuf,
+/// A stage with this test binary in it too (the client), and a zeroed 4 MiB image only
+/// the daemon's user may read and write.
+struct ClientStage {
+    stage: Stage,
     exe: PathBuf,
+    image: PathBuf,
 }
 
-impl Stage {
-    fn new(name: &str) -> Stage {
-        require_root();
-        let dir = test_dir(&format!("unpriv-{name}"));
-        let bin = dir.join("bin");
-        std::fs::create_dir(&bin).unwrap();
-        for d in [&dir, &bin] {
-            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
-        }
-        // Every directory above must be enterable by anyone too.
-        let mut up = dir.parent();
-        while let Some(d) = up {
-            let mode = std::fs::metadata(d).unwrap().mode();
-            assert!(
-                mode & 0o001 != 0,
-                "{} (mode {mode:o}) is not enterable by other users: set TMPDIR elsewhere",
-                d.display()
-            );
-            up = d.parent();
-        }
-        let place = |src: &Path, name: &str| {
-            let dest = bin.join(name);
-            if std::fs::hard_link(src, &dest).is_err() {
-                std::fs::copy(src, &dest).unwrap();
-            }
-            let mode = std::fs::metadata(&dest).unwrap().mode();
-            assert!(
-                mode & 0o005 == 0o005,
-                "{} is not executable by others",
-                dest.display()
-            );
-            dest
-        };
-        let unidev = place(Path::new(common::unidev_bin()), "unidev");
-        let exe = place(&std::env::current_exe().unwrap(), "unprivileged-tests");
-        Stage { dir, unidev, exe }
-    }
-
-    /// `run/`: owned by the daemon's user, group `gid`, mode `mode`.
-    fn socket_dir(&self, gid: u32, mode: u32) -> PathBuf {
-        let run = self.dir.join("run");
-        std::fs::create_dir(&run).unwrap();
-        std::os::unix::fs::chown(&run, Some(DAEMON_UID), Some(gid)).unwrap();
-        // After chown, which clears the set-group-ID bit.
-        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(mode)).unwrap();
-        run
-    }
-
-    /// A zeroed 4 MiB image only the daemon's user may read and write.
-    fn image(&self) -> PathBuf {
-        let image = self.dir.join("disk.img");
+impl ClientStage {
+    fn new(name: &str) -> ClientStage {
+        let stage = Stage::new(name);
+        let exe = stage.binary(&std::env::current_exe().unwrap(), "unprivileged-tests");
+        let image = stage.dir.join("disk.img");
         std::fs::File::create(&image)
             .unwrap()
             .set_len(IMAGE_SIZE)
             .unwrap();
-        std::os::unix::fs::chown(&image, Some(DAEMON_UID), Some(DAEMON_UID)).unwrap();
-        std::fs::set_permissions(&image, std::fs::Permissions::from_mode(0o600)).unwrap();
-        image
-    }
-
-    /// Start the daemon as `uid`/`gid` with supplementary `groups`, logging to
-    /// `dir/name.log`.
-    fn daemon(&self, name: &str, uid: u32, groups: &[u32], args: &[&str]) -> Daemon {
-        self.daemon_with(name, uid, groups, None, args)
-    }
-
-    /// [`Stage::daemon`], with the open files limit (soft and hard) set to `nofile`, as
-    /// `prlimit --nofile=N` would.
-    fn daemon_with(
-        &self,
-        name: &str,
-        uid: u32,
-        groups: &[u32],
-        nofile: Option<u64>,
-        args: &[&str],
-    ) -> Daemon {
-        let log = self.dir.join(format!("{name}.log"));
-        let mut cmd = Command::new(&self.unidev);
-        cmd.args(args)
-            .env("RUST_LOG", "debug")
-            .current_dir(&self.dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
-        as_user(&mut cmd, uid, uid, groups, nofile);
-        Daemon {
-            child: cmd.spawn().unwrap(),
-            log,
-        }
+        stage.give_to_daemon(&image);
+        ClientStage { stage, exe, image }
     }
 
     /// Run [`client_role`] `role` against `sock` as `uid` with `groups`: its exit status
@@ -167,7 +80,7 @@ impl Stage {
             .args(["--test-threads", "1"])
             .env(ROLE_ENV, role)
             .env(SOCK_ENV, sock)
-            .current_dir(&self.dir)
+            .current_dir(&self.stage.dir)
             .stdin(Stdio::null());
         as_user(&mut cmd, uid, uid, groups, None);
         let out = cmd.output().unwrap();
@@ -182,77 +95,11 @@ impl Stage {
     }
 }
 
-impl Drop for Stage {
-    fn drop(&mut self) {
-        // The binaries may be copies (tens of MB); the logs stay for a look.
-        let _ = std::fs::remove_dir_all(self.dir.join("bin"));
+impl std::ops::Deref for ClientStage {
+    type Target = Stage;
+    fn deref(&self) -> &Stage {
+        &self.stage
     }
-}
-
-/// Make `cmd`'s process run as `uid`/`gid` with exactly `groups` as its supplementary
-/// groups, and its open files limit lowered to `nofile`. Changing all uids away from 0
-/// clears every capability (no SECBIT_KEEP_CAPS).
-fn as_user(cmd: &mut Command, uid: u32, gid: u32, groups: &[u32], nofile: Option<u64>) {
-    let groups: Vec<libc::gid_t> = groups.to_vec();
-    // SAFETY: the closure runs in the forked child before exec and makes only
-    // async-signal-safe system calls (close_range, setgroups, setgid, setuid, setrlimit)
-    // on memory allocated before the fork; close_range only marks descriptors CLOEXEC,
-    // so std's exec status pipe still works.
-    unsafe {
-        cmd.pre_exec(move || {
-            // Nothing but stdio past exec: descriptors the test process inherited
-            // without CLOEXEC would sit in the child's table and skew its limits.
-            const CLOSE_RANGE_CLOEXEC: u32 = 1 << 2;
-            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC);
-            if libc::setgroups(groups.len(), groups.as_ptr()) != 0
-                || libc::setgid(gid) != 0
-                || libc::setuid(uid) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            if let Some(n) = nofile {
-                let lim = libc::rlimit {
-                    rlim_cur: n,
-                    rlim_max: n,
-                };
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
-}
-
-/// The `Key:` line of /proc/`pid`/status, its value trimmed.
-fn status_field(status: &str, key: &str) -> String {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .unwrap_or_else(|| panic!("no {key} in:\n{status}"))
-        .trim()
-        .to_string()
-}
-
-/// The process runs with all uids `uid`, all gids `gid`, supplementary groups `groups`
-/// (as /proc prints them) and no capabilities.
-fn check_identity(status: &str, uid: u32, gid: u32, groups: &str, who: &str) {
-    let all = |id: u32| format!("{id}\t{id}\t{id}\t{id}");
-    assert_eq!(status_field(status, "Uid:"), all(uid), "{who}:\n{status}");
-    assert_eq!(status_field(status, "Gid:"), all(gid), "{who}:\n{status}");
-    assert_eq!(status_field(status, "Groups:"), groups, "{who}:\n{status}");
-    for caps in ["CapEff:", "CapPrm:", "CapAmb:"] {
-        assert_eq!(
-            status_field(status, caps),
-            "0000000000000000",
-            "{who} {caps}\n{status}"
-        );
-    }
-}
-
-fn check_daemon_identity(daemon: &Daemon) {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.child.id())).unwrap();
-    check_identity(&status, DAEMON_UID, DAEMON_UID, "", "the daemon");
 }
 
 /// The bytes the client writes over `transport`.
@@ -263,37 +110,18 @@ fn pattern(transport: &str) -> Vec<u8> {
         .collect()
 }
 
-fn serve_args<'a>(transport: &'a str, sock: &'a str, image: &'a str) -> Vec<&'a str> {
-    vec![
-        "serve",
-        "--transport",
-        transport,
-        "--socket-path",
-        sock,
-        "--socket-mode",
-        "0660",
-        "--socket-group",
-        "1502",
-        "--seccomp",
-        "kill",
-        "virtio-blk",
-        "--file",
-        image,
-    ]
-}
-
 /// The daemon as uid 1500 serves virtio-blk over `transport`; a client as uid 1501 in
 /// group 1502 writes, reads back and flushes; users without the group cannot connect.
 fn two_users(transport: &str) {
-    let stage = Stage::new(transport);
+    let stage = ClientStage::new(transport);
     let run = stage.socket_dir(SHARED_GID, 0o2750);
-    let image = stage.image();
+    let image = stage.image.clone();
     let sock = run.join("blk.sock");
     let mut daemon = stage.daemon(
         "unidev",
         DAEMON_UID,
         &[],
-        &serve_args(transport, sock.to_str().unwrap(), image.to_str().unwrap()),
+        &serve_blk_args(transport, sock.to_str().unwrap(), image.to_str().unwrap()),
     );
     wait_for(20, "the daemon's socket", || {
         sock.exists() || matches!(daemon.child.try_wait(), Ok(Some(_)))
@@ -380,12 +208,12 @@ fn virtio_blk_over_vhost_user_between_two_unprivileged_users() {
 
 #[test]
 fn a_socket_group_the_daemons_user_is_not_in_is_a_clear_error() {
-    let stage = Stage::new("group");
+    let stage = ClientStage::new("group");
     // A plain directory of the daemon's user: no set-group-ID to lend group 1502.
     let run = stage.socket_dir(DAEMON_UID, 0o750);
-    let image = stage.image();
+    let image = stage.image.clone();
     let sock = run.join("blk.sock");
-    let args = serve_args(
+    let args = serve_blk_args(
         "vhost-user",
         sock.to_str().unwrap(),
         image.to_str().unwrap(),
@@ -439,7 +267,7 @@ const ROOM: u64 = 24;
 /// numbers a daemon uses up to that point are the same every run. Returns the daemon
 /// (with the client attached) and the limit.
 fn squeezed_daemon<C>(
-    stage: &Stage,
+    stage: &ClientStage,
     args: &[&str],
     sock: &Path,
     attach: impl Fn() -> C,
@@ -504,11 +332,11 @@ fn wait_for_limit_line(daemon: &Daemon, context: &str, limit: u64) -> String {
 
 #[test]
 fn vfio_user_clients_descriptors_hitting_the_open_files_limit_are_named_and_serving_goes_on() {
-    let stage = Stage::new("nofile-vfio-user");
+    let stage = ClientStage::new("nofile-vfio-user");
     let run = stage.socket_dir(SHARED_GID, 0o2750);
-    let image = stage.image();
+    let image = stage.image.clone();
     let sock = run.join("blk.sock");
-    let args = serve_args("vfio-user", sock.to_str().unwrap(), image.to_str().unwrap());
+    let args = serve_blk_args("vfio-user", sock.to_str().unwrap(), image.to_str().unwrap());
     // A client (this process) attaches, the daemon has ROOM descriptors left.
     let (mut daemon, mut a, limit) = squeezed_daemon(&stage, &args, &sock, || {
         let mut a = VfioUserClient::connect(&sock).unwrap();
@@ -586,11 +414,11 @@ fn vfio_user_clients_descriptors_hitting_the_open_files_limit_are_named_and_serv
 
 #[test]
 fn vhost_user_frontends_descriptors_hitting_the_open_files_limit_are_named_and_serving_goes_on() {
-    let stage = Stage::new("nofile-vhost-user");
+    let stage = ClientStage::new("nofile-vhost-user");
     let run = stage.socket_dir(SHARED_GID, 0o2750);
-    let image = stage.image();
+    let image = stage.image.clone();
     let sock = run.join("blk.sock");
-    let args = serve_args(
+    let args = serve_blk_args(
         "vhost-user",
         sock.to_str().unwrap(),
         image.to_str().unwrap(),
@@ -652,7 +480,7 @@ fn vhost_user_frontends_descriptors_hitting_the_open_files_limit_are_named_and_s
 
 /// `serve --transport vduse` as `uid` (no groups) with `--vduse-control control`: it
 /// fails; what it said (also in `vduse-LABEL.log`).
-fn vduse_as(stage: &Stage, label: &str, uid: u32, control: &Path, image: &Path) -> String {
+fn vduse_as(stage: &ClientStage, label: &str, uid: u32, control: &Path, image: &Path) -> String {
     let mut daemon = stage.daemon(
         &format!("vduse-{label}"),
         uid,
@@ -678,8 +506,8 @@ fn vduse_as(stage: &Stage, label: &str, uid: u32, control: &Path, image: &Path) 
 
 #[test]
 fn vduse_as_an_ordinary_user_says_it_needs_root() {
-    let stage = Stage::new("vduse");
-    let image = stage.image();
+    let stage = ClientStage::new("vduse");
+    let image = stage.image.clone();
     // The control device of a kernel with VDUSE: root's, mode 0600. (A plain file: the
     // open is refused before anything could tell.)
     let control = stage.dir.join("control");

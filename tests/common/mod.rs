@@ -213,6 +213,9 @@ pub struct GuestOptions {
     pub files: Vec<(PathBuf, String)>,
     /// Number of vCPUs (the harness's default, 1, when None).
     pub smp: Option<u32>,
+    /// Run QEMU as this user, `UID:GID[:GID,...]` (run-qemu.sh's `--user`), without
+    /// capabilities; root when None.
+    pub user: Option<String>,
 }
 
 /// [`spawn_guest`] with [`GuestOptions`].
@@ -246,6 +249,9 @@ pub fn spawn_guest_with(
     if let Some(n) = options.smp {
         cmd.args(["--smp", &n.to_string()]);
     }
+    if let Some(user) = &options.user {
+        cmd.args(["--user", user]);
+    }
     cmd.arg("--");
     cmd.args(qemu_args);
     GuestProcess {
@@ -268,6 +274,37 @@ impl GuestProcess {
         std::fs::read(&self.log)
             .map(|b| String::from_utf8_lossy(&b).into_owned())
             .unwrap_or_default()
+    }
+
+    /// The pid of the QEMU process of this guest, once it runs (a descendant of the
+    /// harness running `qemu-system-*`).
+    pub fn qemu_pid(&self) -> Option<u32> {
+        let harness = self.child.as_ref()?.id();
+        let parent_of = |pid: u32| -> Option<u32> {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // "pid (comm) state ppid ...": comm may hold spaces, not a ')'.
+            stat.rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()
+        };
+        std::fs::read_dir("/proc").ok()?.find_map(|e| {
+            let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+            if !comm.starts_with("qemu-system") {
+                return None;
+            }
+            let mut up = pid;
+            for _ in 0..4 {
+                up = parent_of(up)?;
+                if up == harness {
+                    return Some(pid);
+                }
+            }
+            None
+        })
     }
 
     /// Whether the guest (QEMU) is still running.

@@ -3,7 +3,8 @@
 #
 # usage: run-qemu.sh --initramfs F --timeout SECS --log LOGFILE
 #                    [--mem 512M] [--smp N] [--append "KERNEL ARGS"]
-#                    [--share DIR]... [-- EXTRA QEMU ARGS...]
+#                    [--share DIR]... [--user UID:GID[:GID,...]]
+#                    [-- EXTRA QEMU ARGS...]
 #
 #   --initramfs  image from mkinitramfs.sh
 #   --timeout    QEMU is stopped (TERM, then KILL 10 s later) after SECS
@@ -15,6 +16,12 @@
 #   --share DIR  make host directory DIR visible at the same path to QEMU
 #                (which runs chrooted in the cached trixie root), so socket
 #                paths in the extra args can be host paths unchanged
+#   --user       run QEMU as uid UID, gid GID and the supplementary groups after
+#                the second colon (none if omitted), numeric, no passwd entries
+#                needed, and without capabilities: root is dropped right after the
+#                chroot (`chroot --userspec --groups`). The kernel and initramfs are
+#                made readable for it; anything its arguments name (a socket, say)
+#                must be granted to that user or one of the groups
 #
 # Exit status: 0 if the log has a "UNIDEV-E2E-RESULT: PASS" line, no
 # "UNIDEV-E2E-RESULT: FAIL" line, QEMU exited by itself with status 0 (guest
@@ -34,10 +41,10 @@ usage() {
     exit 2
 }
 
-initramfs='' timeout='' log='' mem=512M smp=1 append='' shares=() extra=()
+initramfs='' timeout='' log='' mem=512M smp=1 append='' shares=() extra=() user=''
 while (($#)); do
     case $1 in
-    --initramfs | --timeout | --log | --mem | --smp | --append | --share)
+    --initramfs | --timeout | --log | --mem | --smp | --append | --share | --user)
         (($# >= 2)) || usage
         case $1 in
         --initramfs) initramfs=$2 ;;
@@ -47,6 +54,7 @@ while (($#)); do
         --smp) smp=$2 ;;
         --append) append=$2 ;;
         --share) shares+=("$2") ;;
+        --user) user=$2 ;;
         esac
         shift 2
         ;;
@@ -59,6 +67,17 @@ done
 [[ $timeout =~ ^[0-9]+$ ]] || e2e_die "--timeout wants whole seconds"
 [[ -f $initramfs ]] || e2e_die "initramfs $initramfs not found"
 [[ $EUID -eq 0 ]] || e2e_die "run-qemu.sh must run as root (chroot, mounts)"
+# chroot's options: none, or the identity QEMU runs as (validated numeric, so the
+# unquoted expansion in the namespace below splits into exactly these words).
+chroot_opts=''
+if [[ -n $user ]]; then
+    [[ $user =~ ^([0-9]+):([0-9]+)(:([0-9]+(,[0-9]+)*))?$ ]] ||
+        e2e_die "--user wants UID:GID[:GID,...] (numeric), not '$user'"
+    # No supplementary groups: just the primary one (chroot would otherwise look the
+    # user up in the root's passwd file).
+    chroot_opts="--userspec=${BASH_REMATCH[1]}:${BASH_REMATCH[2]} \
+--groups=${BASH_REMATCH[4]:-${BASH_REMATCH[2]}}"
+fi
 
 e2e_load_cache
 
@@ -88,6 +107,11 @@ trap 'exit 143' TERM
 trap 'exit 129' HUP
 ln "$E2E_VMLINUZ" "$run/vmlinuz" 2>/dev/null || cp "$E2E_VMLINUZ" "$run/vmlinuz"
 cp "$initramfs" "$run/initrd"
+if [[ -n $user ]]; then
+    # mktemp made the run directory 0700; QEMU, no longer root, reads the two files.
+    chmod 0755 "$run"
+    chmod a+r "$run/vmlinuz" "$run/initrd"
+fi
 inner=${run#"$E2E_ROOT"}
 
 # shellcheck disable=SC2054  # commas are part of QEMU option values
@@ -105,18 +129,19 @@ qemu=(
 
 mkdir -p "$(dirname "$log")"
 start=$SECONDS
-# In the namespace: mount, bind the shares at the same paths, chroot, exec
-# QEMU (one process from unshare to QEMU, so timeout signals QEMU directly).
+# In the namespace: mount, bind the shares at the same paths, chroot (dropping
+# root if --user says so), exec QEMU (one process from unshare to QEMU, so
+# timeout signals QEMU directly).
 # shellcheck disable=SC2016  # expanded by the inner sh
 timeout -k 10 "$timeout" unshare --mount --propagation private sh -c '
-    r=$1 n=$2; shift 2
+    r=$1 o=$2 n=$3; shift 3
     mount --rbind /proc "$r/proc" && mount --rbind /dev "$r/dev" &&
         mount --rbind /sys "$r/sys" || exit 125
     while [ "$n" -gt 0 ]; do
         mkdir -p "$r$1" && mount --bind "$1" "$r$1" || exit 125
         shift; n=$((n - 1))
     done
-    exec chroot "$r" "$@"' _ "$E2E_ROOT" "${#share_args[@]}" "${share_args[@]}" \
+    exec chroot $o "$r" "$@"' _ "$E2E_ROOT" "$chroot_opts" "${#share_args[@]}" "${share_args[@]}" \
     env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 "${qemu[@]}" \
     </dev/null >"$log" 2>&1 &
 qpid=$!
