@@ -495,8 +495,15 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         }
         _ => None,
     };
-    set_seccomp(args.seccomp.policy())?;
     let name = device_name(&args.device);
+    if let DeviceArgs::VirtioBlk { virtio, .. } | DeviceArgs::VirtioRng { virtio } = &args.device {
+        if virtio.notify_mmap && args.transport != Transport::VfioUser {
+            return Err(format!(
+                "{name}: --notify-mmap applies to the vfio-user transport only"
+            ));
+        }
+    }
+    set_seccomp(args.seccomp.policy())?;
     let export = make_device(&args.device, name, args.max_dma_maps, args.transport)?;
     let (transport, shown) = match (vduse_name, &args.socket_path, args.fd) {
         (Some(vduse_name), _, _) => {

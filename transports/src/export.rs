@@ -928,7 +928,9 @@ impl Prepared {
     }
 }
 
-/// A device served on its own thread ([`Exported::spawn`]).
+/// A device served on its own thread ([`Exported::spawn`]). Dropping it does not stop
+/// serving: call [`stop`](Running::stop), or stop it through a handle and
+/// [`join`](Running::join).
 pub struct Running {
     name: String,
     stop: StopHandle,
