@@ -56,7 +56,7 @@ pub enum QueueError {
     #[error("queue {0}: ring addresses are misaligned or outside mapped memory")]
     BadRings(usize),
     /// The backend or the dispatch refused.
-    #[error("queue {index}: {source}")]
+    #[error("queue {index}: {}", crate::limits::describe(.source))]
     Backend {
         /// Queue.
         index: usize,

@@ -81,7 +81,7 @@ pub enum InflightError {
         queue_size: u16,
     },
     /// Mapping or creating the shared memory failed.
-    #[error("inflight region: {0}")]
+    #[error("inflight region: {}", crate::limits::describe(.0))]
     Io(#[from] io::Error),
     /// The ring is larger than the log's descriptor array.
     #[error("queue {index}: ring of {ring} descriptors does not fit a log of {logged}")]

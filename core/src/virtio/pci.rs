@@ -510,7 +510,11 @@ impl VirtioPci {
 
     fn start_queue(&mut self, q: usize) {
         if let Err(e) = self.ensure_relay() {
-            warn!("{}: cannot start the interrupt relay: {e}", self.name);
+            warn!(
+                "{}: cannot start the interrupt relay: {}",
+                self.name,
+                crate::limits::describe(&e)
+            );
             self.status |= status::DEVICE_NEEDS_RESET;
             return;
         }
@@ -518,7 +522,7 @@ impl VirtioPci {
         let kick = match self.kicks[q].try_clone() {
             Ok(k) => k,
             Err(e) => {
-                warn!("{}: queue {q}: {e}", self.name);
+                warn!("{}: queue {q}: {}", self.name, crate::limits::describe(&e));
                 return;
             }
         };
