@@ -79,6 +79,7 @@ impl IrqLayout {
 
 /// Why an interrupt request was refused. Every variant means `EINVAL` on the wire.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum IrqError {
     /// `start + count` runs past the number of lines of that kind.
     #[error("{kind:?} lines {start}..{start}+{count} are out of range (the device has {lines})")]

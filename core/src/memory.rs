@@ -77,6 +77,7 @@ impl Prot {
 /// What went wrong with a map, unmap or access. Each maps to the errno a transport
 /// reports (`errno()`).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum MemoryError {
     /// Zero size, wrap-around, or a size the host cannot map.
     #[error("invalid DMA range {iova:#x}+{size:#x}: {why}")]

@@ -29,6 +29,7 @@ use std::path::{Path, PathBuf};
 
 /// Why a listening socket could not be set up.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ListenError {
     /// Something other than a socket is at the path.
     #[error("{0} exists and is not a socket; refusing to replace it")]

@@ -336,6 +336,7 @@ const PCIE_LNKCTL2_VALUE: u16 = 1;
 
 /// Why a configuration space description is invalid.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ConfigError {
     /// A BAR index past 5, or a 64-bit BAR at index 5 (its upper half would not fit).
     #[error("BAR index {0} is out of range (0..=5; 0..=4 for a 64-bit BAR)")]

@@ -90,6 +90,7 @@ impl RegionInfo {
 
 /// Why a region access failed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum AccessError {
     /// The region does not exist, or does not allow this direction.
     #[error("region {0:?} does not allow this access")]

@@ -38,6 +38,7 @@ pub struct QueueConfig {
 
 /// Why a queue could not be started.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum QueueError {
     /// No such queue.
     #[error("queue {0} does not exist")]

@@ -48,6 +48,7 @@ pub const VQ_ALIGN: u32 = 4096;
 
 /// What went wrong setting up or serving a VDUSE device.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum VduseError {
     /// The control device does not exist: the modules are not loaded. When the process
     /// is not root, the message adds that VDUSE needs root as well (loading the modules

@@ -340,6 +340,7 @@ pub fn family_id_of(replies: &[Reply]) -> Option<u16> {
 
 /// What went wrong attaching or detaching.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum VdpaError {
     /// The "vdpa" netlink family is missing: the vdpa module is not loaded.
     #[error("the kernel has no vDPA netlink interface: `modprobe vdpa` (and vduse)")]
