@@ -14,7 +14,7 @@
 //! **Experimental** as a library: these are the daemon's devices, and their Rust API
 //! (constructors, options) may change in any 0.y release; what they do for a guest, and the
 //! daemon options that configure them, are covered by `docs/api-stability.md`. Devices of
-//! your own are written against `unidev-core` and served with `unidev_transports::export`.
+//! your own are written against `unidev-core`, like these.
 #![deny(missing_docs)]
 
 pub mod gpio;

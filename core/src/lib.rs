@@ -25,19 +25,10 @@
 //!   (0.24) exactly as for rust-vmm's own vhost-user daemon; [`virtio::LocalVirtio`]
 //!   runs it on the core's dispatch and [`virtio::VirtioPci`] makes it a PCI function.
 //!
-//! Then serve it by one call with `unidev_transports::export`:
-//!
-//! ```text
-//! Export::pci("my-card", card)
-//!     .serve(Transport::vfio_user("/run/my-card.sock"), &ExportOptions::default())?
-//!     .run()?;
-//! Export::virtio("my-disk", 2, Arc::new(backend)) // virtio device type 2: block
-//!     .serve(Transport::vhost_user("/run/my-disk.sock"), &ExportOptions::default())?
-//!     .run()?;
-//! ```
-//!
-//! The repository's `examples/` holds a complete device of each kind (`pci_timer.rs`,
-//! `virtio_ramdisk.rs`), and `docs/api-stability.md` says what is stable.
+//! The core does not serve devices itself: the transports layer above it exports a device
+//! written against either contract by one call (the repository's README, "Write your own
+//! device"). The repository's `examples/` holds a complete device of each kind
+//! (`pci_timer.rs`, `virtio_ramdisk.rs`), and `docs/api-stability.md` says what is stable.
 //!
 //! # Stability
 //!

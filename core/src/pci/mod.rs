@@ -175,10 +175,10 @@ pub type SharedPciDevice = Arc<std::sync::Mutex<dyn PciDevice>>;
 /// describes it and is allowed by its permissions ([`check_access`]); calls come from one
 /// thread at a time (the device sits behind a `Mutex`, [`SharedPciDevice`]); nothing else
 /// about the client is trusted, and an access a device refuses becomes a protocol error
-/// ([`AccessError::errno`]), never a crash. vfio-user numbers regions as VFIO does: BARs
-/// 0–5 are regions 0–5, the ROM 6, config space 7, VGA 8.
+/// ([`AccessError::errno`]), never a crash. Regions are numbered as VFIO numbers them:
+/// BARs 0–5 are regions 0–5, the ROM 6, config space 7, VGA 8.
 ///
-/// Serve a device with `unidev_transports::export::Export::pci`; the repository's
+/// The transports layer's one-call export serves a device; the repository's
 /// `examples/pci_timer.rs` is a complete one (registers, a timer interrupt, DMA).
 ///
 /// # Example

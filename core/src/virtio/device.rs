@@ -71,11 +71,10 @@ pub enum QueueError {
 ///
 /// Device authors do not implement this trait: they implement rust-vmm's
 /// `vhost_user_backend::VhostUserBackend`, and [`LocalVirtio`](super::LocalVirtio) turns it
-/// into a `VirtioDevice` (`unidev_transports::export::Export::virtio` does that for
-/// them). Implement it directly only for a device whose queues run somewhere else, as
-/// compat's vhost-user proxy does. The transports call it: vhost-user from its messages,
-/// VDUSE from the kernel's requests, and [`VirtioPci`](super::VirtioPci) from PCI register
-/// writes (which is how it reaches vfio-user).
+/// into a `VirtioDevice` (the transports layer's one-call export does that for them).
+/// Implement it directly only for a device whose queues run somewhere else, as the compat
+/// layer's proxy does. Transports call it from their messages, and
+/// [`VirtioPci`](super::VirtioPci) calls it from PCI register writes.
 pub trait VirtioDevice: Send + Sync {
     /// The virtio device type (virtio 1.2 section 5: 2 = block, 4 = entropy, ...).
     fn device_type(&self) -> u32;

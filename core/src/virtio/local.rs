@@ -145,7 +145,7 @@ struct LocalState {
 /// and signals with `signal_used_queue`. `protocol_features` is not used: each transport
 /// offers its own.
 ///
-/// `unidev_transports::export::Export::virtio` builds one and exports it; the repository's
+/// The transports layer's one-call export builds one for a backend; the repository's
 /// `examples/virtio_ramdisk.rs` is a complete backend (a virtio-blk RAM disk).
 ///
 /// # Example
