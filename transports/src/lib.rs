@@ -114,6 +114,7 @@
 
 pub mod export;
 pub mod listener;
+mod scm_rights;
 pub mod vduse;
 pub mod vfio_user;
 pub mod vhost_user;

@@ -11,7 +11,7 @@
 //! from other threads never interleave.
 
 use std::io::{self, IoSlice};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -20,18 +20,7 @@ use libc::iovec;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use super::codec::{Header, HEADER_SIZE};
-
-/// The most fds the kernel passes in one message (SCM_MAX_FD); the receive buffer is this
-/// large so that a client sending too many is detected rather than silently truncated.
-const SCM_MAX_FD: usize = 253;
-
-/// Bytes of a control message carrying [`SCM_MAX_FD`] descriptors: CMSG_SPACE(253 * 4)
-/// on Linux (a 16-byte header and the data rounded up to 8 bytes).
-const CONTROL_BYTES: usize = 16 + (SCM_MAX_FD * 4).next_multiple_of(8);
-
-/// Room for one control message, aligned as `cmsghdr` requires.
-#[repr(C, align(8))]
-struct ControlBuffer([u8; CONTROL_BYTES]);
+use crate::scm_rights::{fd_table_errno, recv_with_fds, SCM_MAX_FD};
 
 /// Past this size a message is not drained but the connection dropped: reading gigabytes
 /// to skip a bogus message would only help an attacker.
@@ -178,89 +167,22 @@ impl MessageSocket {
         fds: &mut Vec<OwnedFd>,
         lost: &mut Option<i32>,
     ) -> io::Result<usize> {
-        let mut iov = iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        };
-        let mut control = ControlBuffer([0u8; CONTROL_BYTES]);
-        loop {
-            // SAFETY: an all-zero msghdr is valid (no name, no iovecs, no control).
-            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-            msg.msg_iov = &mut iov;
-            msg.msg_iovlen = 1;
-            msg.msg_control = control.0.as_mut_ptr().cast();
-            msg.msg_controllen = CONTROL_BYTES as _;
-            // SAFETY: msg points at one iovec into `buf` (valid for writes of its length)
-            // and at `control` (valid for CONTROL_BYTES, aligned for cmsghdr); both
-            // outlive the call.
-            let n = unsafe { libc::recvmsg(self.stream.as_raw_fd(), &mut msg, 0) };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            let first = fds.len();
-            // SAFETY: CMSG_FIRSTHDR and CMSG_NXTHDR walk the control data the kernel
-            // wrote, bounded by the msg_controllen it set; each header they return lies
-            // inside `control`.
-            let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
-            while !cmsg.is_null() {
-                // SAFETY: non-null headers from CMSG_FIRSTHDR/NXTHDR are inside `control`.
-                let h = unsafe { std::ptr::read_unaligned(cmsg) };
-                if h.cmsg_level == libc::SOL_SOCKET && h.cmsg_type == libc::SCM_RIGHTS {
-                    // SAFETY: CMSG_LEN has no preconditions.
-                    let header_len = unsafe { libc::CMSG_LEN(0) } as usize;
-                    let count = (h.cmsg_len as usize).saturating_sub(header_len)
-                        / std::mem::size_of::<RawFd>();
-                    // SAFETY: the data of this header follows it inside `control`.
-                    let data = unsafe { libc::CMSG_DATA(cmsg) }.cast::<RawFd>();
-                    for i in 0..count {
-                        // SAFETY: `count` descriptors follow the header (cmsg_len says so,
-                        // and the kernel never writes past msg_controllen); they were
-                        // just installed in our table and nothing else owns them.
-                        let fd = unsafe { std::ptr::read_unaligned(data.add(i)) };
-                        // SAFETY: as above.
-                        fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
-                    }
-                }
-                // SAFETY: as for CMSG_FIRSTHDR.
-                cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
-            }
-            if msg.msg_flags & libc::MSG_CTRUNC != 0 {
-                // Descriptors were lost: the message cannot be handled as sent. With room
-                // left in the control buffer, the kernel failed to install them (its
-                // scm_detach_fds stops at the first that fails): the descriptor table is
-                // full. Those received are closed (dropped).
-                let errno = if fds.len() - first < SCM_MAX_FD {
-                    self.fd_table_errno()
-                } else {
-                    libc::ENOBUFS
-                };
-                fds.truncate(first);
-                lost.get_or_insert(errno);
-            }
-            return Ok(n as usize);
+        let first = fds.len();
+        let got = recv_with_fds(self.stream.as_raw_fd(), buf, 0, SCM_MAX_FD, fds)?;
+        if got.truncated {
+            // Descriptors were lost: the message cannot be handled as sent. With room
+            // left in the control buffer, the kernel failed to install them (its
+            // scm_detach_fds stops at the first that fails): the descriptor table is
+            // full. Those received are closed (dropped).
+            let errno = if fds.len() - first < SCM_MAX_FD {
+                fd_table_errno(self.stream.as_raw_fd())
+            } else {
+                libc::ENOBUFS
+            };
+            fds.truncate(first);
+            lost.get_or_insert(errno);
         }
-    }
-
-    /// Why the kernel could not install a received descriptor: EMFILE or ENFILE, as a
-    /// probe duplicating one now reports (the table is still as full as it was, the
-    /// descriptors that did arrive with the message not yet closed); EMFILE when the
-    /// probe succeeds (another thread closed one meanwhile).
-    fn fd_table_errno(&self) -> i32 {
-        // SAFETY: F_DUPFD_CLOEXEC on our own socket; a new descriptor is closed at once.
-        let probe = unsafe { libc::fcntl(self.stream.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
-        if probe >= 0 {
-            // SAFETY: `probe` was just created here and is owned by nothing else.
-            unsafe { libc::close(probe) };
-            return libc::EMFILE;
-        }
-        match io::Error::last_os_error().raw_os_error() {
-            Some(libc::ENFILE) => libc::ENFILE,
-            _ => libc::EMFILE,
-        }
+        Ok(got.bytes)
     }
 
     fn recv_exact(
@@ -461,13 +383,6 @@ mod tests {
             max_fds: 16,
         };
         (MessageSocket::new(a, limits), MessageSocket::new(b, limits))
-    }
-
-    #[test]
-    fn control_buffer_holds_the_most_descriptors_a_message_can_carry() {
-        // SAFETY: CMSG_SPACE has no preconditions.
-        let needed = unsafe { libc::CMSG_SPACE((SCM_MAX_FD * 4) as u32) } as usize;
-        assert!(CONTROL_BYTES >= needed, "{CONTROL_BYTES} < {needed}");
     }
 
     #[test]

@@ -15,6 +15,7 @@ use std::os::fd::RawFd;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 
 use super::session::Session;
+use crate::scm_rights::{fd_table_errno, recv_with_fds};
 
 /// VHOST_USER_SET_STATUS.
 pub const SET_STATUS: u32 = 39;
@@ -102,91 +103,30 @@ pub fn peek_header(fd: RawFd) -> io::Result<Option<RequestHeader>> {
 /// The most descriptors the `vhost` crate receives with one request.
 const MAX_FDS: usize = vhost::vhost_user::message::MAX_ATTACHED_FD_ENTRIES;
 
-/// Room for one SCM_RIGHTS control message of [`MAX_FDS`] descriptors (CMSG_SPACE: a
-/// 16-byte header and the data rounded up to 8 bytes), aligned as `cmsghdr` requires.
-#[repr(C, align(8))]
-struct ControlBuffer([u8; 16 + (MAX_FDS * 4).next_multiple_of(8)]);
-
 /// recv(MSG_PEEK | MSG_WAITALL) of `buf`, with room for the request's descriptors: the
 /// kernel installs a peeked message's descriptors too (closed again here), so a full
 /// table shows as MSG_CTRUNC with fewer descriptors than there was room for.
 fn peek_with_fds(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
-    use std::os::fd::{FromRawFd, OwnedFd};
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    let mut control = ControlBuffer([0u8; std::mem::size_of::<ControlBuffer>()]);
-    loop {
-        // SAFETY: an all-zero msghdr is valid (no name, no iovecs, no control).
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.0.as_mut_ptr().cast();
-        msg.msg_controllen = control.0.len() as _;
-        let flags = libc::MSG_PEEK | libc::MSG_WAITALL | libc::MSG_CMSG_CLOEXEC;
-        // SAFETY: msg points at one iovec into `buf` (valid for writes of its length) and
-        // at `control` (valid for its length, aligned for cmsghdr); both outlive the call.
-        let n = unsafe { libc::recvmsg(fd, &mut msg, flags) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
+    let mut peeked = Vec::new();
+    let got = recv_with_fds(
+        fd,
+        buf,
+        libc::MSG_PEEK | libc::MSG_WAITALL,
+        MAX_FDS,
+        &mut peeked,
+    )?;
+    if got.truncated {
+        if peeked.len() >= MAX_FDS {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("the request carries more than {MAX_FDS} file descriptors"),
+            ));
         }
-        let mut peeked = Vec::new();
-        // SAFETY: CMSG_FIRSTHDR and CMSG_NXTHDR walk the control data the kernel wrote,
-        // bounded by the msg_controllen it set; each header they return lies inside
-        // `control`.
-        let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
-        while !cmsg.is_null() {
-            // SAFETY: non-null headers from CMSG_FIRSTHDR/NXTHDR are inside `control`.
-            let h = unsafe { std::ptr::read_unaligned(cmsg) };
-            if h.cmsg_level == libc::SOL_SOCKET && h.cmsg_type == libc::SCM_RIGHTS {
-                // SAFETY: CMSG_LEN has no preconditions.
-                let header_len = unsafe { libc::CMSG_LEN(0) } as usize;
-                let count = (h.cmsg_len as usize).saturating_sub(header_len) / 4;
-                // SAFETY: the data of this header follows it inside `control`.
-                let data = unsafe { libc::CMSG_DATA(cmsg) }.cast::<RawFd>();
-                for i in 0..count {
-                    // SAFETY: `count` descriptors follow the header (cmsg_len says so and
-                    // the kernel never writes past msg_controllen); the peek installed
-                    // them in our table and nothing else owns them.
-                    let d = unsafe { std::ptr::read_unaligned(data.add(i)) };
-                    // SAFETY: as above.
-                    peeked.push(unsafe { OwnedFd::from_raw_fd(d) });
-                }
-            }
-            // SAFETY: as for CMSG_FIRSTHDR.
-            cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
-        }
-        if msg.msg_flags & libc::MSG_CTRUNC != 0 {
-            if peeked.len() >= MAX_FDS {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("the request carries more than {MAX_FDS} file descriptors"),
-                ));
-            }
-            // The table is as full as the kernel found it (the peeked descriptors are
-            // still open): a probe tells EMFILE from ENFILE.
-            // SAFETY: F_DUPFD_CLOEXEC on our own socket; a new descriptor is closed at
-            // once.
-            let probe = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
-            let errno = if probe >= 0 {
-                // SAFETY: `probe` was just created here and is owned by nothing else.
-                unsafe { libc::close(probe) };
-                libc::EMFILE
-            } else {
-                match io::Error::last_os_error().raw_os_error() {
-                    Some(libc::ENFILE) => libc::ENFILE,
-                    _ => libc::EMFILE,
-                }
-            };
-            return Err(io::Error::from_raw_os_error(errno));
-        }
-        return Ok(n as usize);
+        // The table is as full as the kernel found it (the peeked descriptors are still
+        // open): the probe tells EMFILE from ENFILE.
+        return Err(io::Error::from_raw_os_error(fd_table_errno(fd)));
     }
+    Ok(got.bytes)
 }
 
 fn recv(fd: RawFd, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
