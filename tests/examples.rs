@@ -268,26 +268,7 @@ fn virtio_ramdisk_over_vhost_user() {
         .get_config(0, 8, VhostUserConfigFlags::WRITABLE, &[0; 8])
         .unwrap();
     assert_eq!(capacity, 2048u64.to_le_bytes());
-    blk_checks(|req| {
-        let buf = mem.alloc(req.buffer_len(), 64).unwrap();
-        let placed = req.place(&mem, buf.iova).unwrap();
-        let head = vq.add_chain(&placed.chain).unwrap();
-        if vq.kick_prepare().unwrap() {
-            kick.write(1).unwrap();
-        }
-        let end = Instant::now() + TIMEOUT;
-        let used = loop {
-            if let Some((h, len)) = vq.poll_used().unwrap() {
-                assert_eq!(h, head);
-                break len;
-            }
-            assert!(Instant::now() < end, "request timed out");
-            std::thread::sleep(Duration::from_micros(200));
-        };
-        let done = placed.complete(&mem, used).unwrap();
-        mem.free(buf).unwrap();
-        done
-    });
+    blk_checks(|req| common::vhost_user_blk_request(&mem, &mut vq, &kick, req));
     drop(fe);
     example.stop();
     assert!(!sock.exists());

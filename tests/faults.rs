@@ -417,20 +417,10 @@ fn a_frontend_truncating_its_shared_memory_does_not_kill_the_daemon() {
         VhostUserProtocolFeatures::MQ,
         64,
     );
-    let req = VirtioBlkRequest::read(0, 4096);
-    let buf = mem.alloc(req.buffer_len(), 64).unwrap();
-    let placed = req.place(&mem, buf.iova).unwrap();
-    vq.add_chain(&placed.chain).unwrap();
-    kick.write(1).unwrap();
-    wait_for(10, "a request of the next frontend", || {
-        matches!(vq.poll_used(), Ok(Some(_)))
-    });
-    let mut status = [0u8; 1];
-    mem.read(placed.status_iova, &mut status).unwrap();
-    assert_eq!(status[0], S_OK);
-    let mut data = vec![0u8; 4096];
-    mem.read(placed.in_iova, &mut data).unwrap();
-    assert!(data.iter().all(|&b| b == 0x3c));
+    let done =
+        common::vhost_user_blk_request(&mem, &mut vq, &kick, &VirtioBlkRequest::read(0, 4096));
+    assert_eq!(done.status, S_OK);
+    assert!(done.data.iter().all(|&b| b == 0x3c));
     drop(fe);
     wait_for(10, "the truncation to be logged", || {
         daemon.log_text().contains("truncated under its mapping")

@@ -19,8 +19,7 @@ use std::time::{Duration, Instant};
 
 use common::{test_dir, unidev_bin, wait_for, Daemon};
 use unidev_transports::vfio_user::virtio_driver::{
-    BlkSegment, DriverMemory, DriverOptions, PlacedBlkRequest, VirtioBlkRequest, VirtioPciDriver,
-    Virtqueue,
+    BlkSegment, DriverMemory, DriverOptions, VirtioBlkRequest, VirtioPciDriver, Virtqueue,
 };
 use unidev_transports::vfio_user::VfioUserClient;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -155,23 +154,7 @@ fn vhost_user_request(
     kick: &EventFd,
     req: &VirtioBlkRequest,
 ) -> (u8, Vec<u8>) {
-    let buf = mem.alloc(req.buffer_len(), 64).unwrap();
-    let placed: PlacedBlkRequest = req.place(mem, buf.iova).unwrap();
-    let head = vq.add_chain(&placed.chain).unwrap();
-    if vq.kick_prepare().unwrap() {
-        kick.write(1).unwrap();
-    }
-    let deadline = Instant::now() + TIMEOUT;
-    let len = loop {
-        if let Some((h, len)) = vq.poll_used().unwrap() {
-            assert_eq!(h, head);
-            break len;
-        }
-        assert!(Instant::now() < deadline, "request timed out");
-        std::thread::sleep(Duration::from_micros(200));
-    };
-    let c = placed.complete(mem, len).unwrap();
-    mem.free(buf).unwrap();
+    let c = common::vhost_user_blk_request(mem, vq, kick, req);
     (c.status, c.data)
 }
 

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use common::{wait_for, Daemon};
 use unidev_transports::vfio_user::virtio_driver::{
-    DriverMemory, DriverOptions, PlacedBlkRequest, VirtioBlkRequest, VirtioPciDriver, Virtqueue,
+    DriverMemory, DriverOptions, VirtioBlkRequest, VirtioPciDriver, Virtqueue,
 };
 use unidev_transports::vfio_user::VfioUserClient;
 use unprivileged_common::{
@@ -390,24 +390,7 @@ fn vfio_user_clients_descriptors_hitting_the_open_files_limit_are_named_and_serv
 
     // The client goes; its maps and their descriptors with it: a new client does I/O.
     drop(a);
-    let mut d = VirtioPciDriver::new(
-        VfioUserClient::connect(&sock).unwrap(),
-        DriverOptions {
-            features: VERSION_1 | BLK_F_FLUSH,
-            queue_size: 64,
-            memory_size: 4 << 20,
-            ..DriverOptions::default()
-        },
-    )
-    .unwrap();
-    d.init().unwrap();
-    blk_io(
-        |r| {
-            let c = d.blk_request(0, r, TIMEOUT).unwrap();
-            (c.status, c.data)
-        },
-        "vfio-user",
-    );
+    vfio_user_blk_io(&sock);
     assert!(matches!(daemon.child.try_wait(), Ok(None)));
     check_daemon_identity(&daemon);
 }
@@ -566,6 +549,28 @@ fn vduse_as_an_ordinary_user_says_it_needs_root() {
 // ---- I/O, shared by the client process and the limit tests ----
 
 /// Write the pattern for `transport` at [`IO_SECTOR`], read it back, flush.
+/// A vfio-user virtio-blk client on `sock` runs [`blk_io`].
+fn vfio_user_blk_io(sock: &Path) {
+    let mut d = VirtioPciDriver::new(
+        VfioUserClient::connect(sock).unwrap(),
+        DriverOptions {
+            features: VERSION_1 | BLK_F_FLUSH,
+            queue_size: 64,
+            memory_size: 4 << 20,
+            ..DriverOptions::default()
+        },
+    )
+    .unwrap();
+    d.init().unwrap();
+    blk_io(
+        |r| {
+            let c = d.blk_request(0, r, TIMEOUT).unwrap();
+            (c.status, c.data)
+        },
+        "vfio-user",
+    );
+}
+
 fn blk_io(mut submit: impl FnMut(&VirtioBlkRequest) -> (u8, Vec<u8>), transport: &str) {
     let data = pattern(transport);
     assert_eq!(
@@ -586,23 +591,7 @@ fn vhost_user_request(
     kick: &EventFd,
     req: &VirtioBlkRequest,
 ) -> (u8, Vec<u8>) {
-    let buf = mem.alloc(req.buffer_len(), 64).unwrap();
-    let placed: PlacedBlkRequest = req.place(mem, buf.iova).unwrap();
-    let head = vq.add_chain(&placed.chain).unwrap();
-    if vq.kick_prepare().unwrap() {
-        kick.write(1).unwrap();
-    }
-    let deadline = Instant::now() + TIMEOUT;
-    let len = loop {
-        if let Some((h, len)) = vq.poll_used().unwrap() {
-            assert_eq!(h, head);
-            break len;
-        }
-        assert!(Instant::now() < deadline, "request timed out");
-        std::thread::sleep(Duration::from_micros(200));
-    };
-    let c = placed.complete(mem, len).unwrap();
-    mem.free(buf).unwrap();
+    let c = common::vhost_user_blk_request(mem, vq, kick, req);
     (c.status, c.data)
 }
 
@@ -626,24 +615,7 @@ fn client_role() {
             Err(e) => println!("CONNECT-ERRNO {}", e.raw_os_error().unwrap_or(-1)),
         },
         "vfio-user" => {
-            let mut d = VirtioPciDriver::new(
-                VfioUserClient::connect(&sock).unwrap(),
-                DriverOptions {
-                    features: VERSION_1 | BLK_F_FLUSH,
-                    queue_size: 64,
-                    memory_size: 4 << 20,
-                    ..DriverOptions::default()
-                },
-            )
-            .unwrap();
-            d.init().unwrap();
-            blk_io(
-                |r| {
-                    let c = d.blk_request(0, r, TIMEOUT).unwrap();
-                    (c.status, c.data)
-                },
-                "vfio-user",
-            );
+            vfio_user_blk_io(&sock);
             println!("CLIENT-IO-OK");
         }
         "vhost-user" => {

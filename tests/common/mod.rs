@@ -523,3 +523,31 @@ pub fn vhost_user_ring(
         call,
     }
 }
+
+/// Submit one virtio-blk request on a vhost-user ring (kicking only if the device asked
+/// for notifications) and wait for it, at most 10 s; its completion.
+pub fn vhost_user_blk_request(
+    mem: &unidev_transports::vfio_user::virtio_driver::DriverMemory,
+    vq: &mut unidev_transports::vfio_user::virtio_driver::Virtqueue,
+    kick: &vmm_sys_util::eventfd::EventFd,
+    req: &unidev_transports::vfio_user::virtio_driver::VirtioBlkRequest,
+) -> unidev_transports::vfio_user::virtio_driver::BlkCompletion {
+    let buf = mem.alloc(req.buffer_len(), 64).unwrap();
+    let placed = req.place(mem, buf.iova).unwrap();
+    let head = vq.add_chain(&placed.chain).unwrap();
+    if vq.kick_prepare().unwrap() {
+        kick.write(1).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let len = loop {
+        if let Some((h, len)) = vq.poll_used().unwrap() {
+            assert_eq!(h, head);
+            break len;
+        }
+        assert!(Instant::now() < deadline, "request timed out");
+        std::thread::sleep(Duration::from_micros(200));
+    };
+    let done = placed.complete(mem, len).unwrap();
+    mem.free(buf).unwrap();
+    done
+}
