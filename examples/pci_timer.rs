@@ -24,7 +24,7 @@ use std::time::Duration;
 use unidev_core::irq::{Interrupts, IrqLayout};
 use unidev_core::memory::DmaSpace;
 use unidev_core::pci::{AccessError, Bar, ConfigSpace, PciDevice, PciRegion, RegionInfo};
-use unidev_transports::export::{Export, ExportOptions, Transport};
+use unidev_transports::export::{Export, ExportOptions, VfioUser};
 
 const COUNTER: u64 = 0x04;
 const TIMER: u64 = 0x08;
@@ -169,8 +169,8 @@ impl PciDevice for TimerCard {
 /// Serve the card on `socket` until a line (or EOF) arrives on stdin.
 fn serve(socket: &str) -> Result<(), Box<dyn std::error::Error>> {
     let card = TimerCard::new(Arc::new(DmaSpace::default()))?;
-    let served = Export::pci("pci-timer", card)
-        .serve(Transport::vfio_user(socket), &ExportOptions::default())?;
+    let served =
+        Export::pci("pci-timer", card).serve(VfioUser::new(socket), &ExportOptions::default())?;
     let stop = served.stop_handle();
     std::thread::spawn(move || {
         let _ = std::io::stdin().lock().read_line(&mut String::new());

@@ -15,7 +15,9 @@ use std::io::{self, BufRead, Read, Write};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex, RwLock};
 
-use unidev_transports::export::{Export, ExportOptions, Transport, VduseTarget};
+use unidev_transports::export::{
+    Export, ExportOptions, Vduse, VfioUser, VhostUser, VirtioTransport,
+};
 use unidev_transports::vduse::VdpaDriver;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
@@ -149,10 +151,11 @@ fn serve(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
         return Err("usage: virtio_ramdisk vfio-user|vhost-user|vduse SOCKET|NAME [MIB]".into());
     };
     let mib: usize = args.get(3).map_or(Ok(16), |s| s.parse())?;
-    let transport = match transport.as_str() {
-        "vfio-user" => Transport::vfio_user(place.as_str()),
-        "vhost-user" => Transport::vhost_user(place.as_str()),
-        "vduse" => Transport::Vduse(VduseTarget::new(place).attach(VdpaDriver::VirtioVdpa)),
+    // The transport is picked at run time: any of them carries a virtio device.
+    let transport: Box<dyn VirtioTransport> = match transport.as_str() {
+        "vfio-user" => Box::new(VfioUser::new(place.as_str())),
+        "vhost-user" => Box::new(VhostUser::new(place.as_str())),
+        "vduse" => Box::new(Vduse::new(place).attach(VdpaDriver::VirtioVdpa)),
         other => return Err(format!("unknown transport {other:?}").into()),
     };
     let disk = RamDisk {

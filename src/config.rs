@@ -8,7 +8,7 @@
 //!
 //! [[device]]
 //! name = "disk0"              # optional; defaults to "<type>-<index>"
-//! type = "virtio-blk"         # gpio | virtio-blk | virtio-rng
+//! type = "virtio-blk"         # gpio | virtio-blk | virtio-rng | vhost-user-proxy
 //! transport = "vfio-user"     # vfio-user | vhost-user | vduse
 //! socket = "/run/unidev/disk0.sock"
 //! socket_mode = "0600"        # optional
@@ -25,25 +25,30 @@
 //! file = "/var/lib/images/disk1.img"
 //! ```
 //!
-//! Device options are the `unidev serve` options of the same name (with `_` for `-`):
-//! gpio: `inputs`; virtio-blk: `file`, `readonly`, `queues`, `direct`, `block_size`,
-//! `poll_us`, `notify_mmap`; virtio-rng: `poll_us`, `notify_mmap`; every device:
-//! `max_dma_maps`. `socket` is required for vfio-user and vhost-user, and so are
-//! `socket_mode`, `socket_group` (`--socket-group`) and `allow_uids` (`--allow-uid`, at
-//! least one uid when given) meant for them; a vduse device has none of these, takes
-//! `attach`, and its name must be a valid VDUSE device name (it defaults to
-//! "<type>-<index>" like the others). The top-level `seccomp` is the seccomp policy of
-//! every device's worker threads (`unidev_core::sandbox`; default "off"). VDUSE carries virtio-blk only (Linux 6.12 accepts
-//! virtio-blk and virtio-net; unidev has no net backend).
+//! A device's options are its `unidev serve <DEVICE>` options, with `_` for `-`
+//! (`--block-size 4096` is `block_size = 4096`; a flag is `true` or `false`), parsed by
+//! the very same definitions (`devices/`): gpio: `inputs`; virtio-blk: `file`,
+//! `readonly`, `queues`, `direct`, `block_size`, `poll_us`, `notify_mmap`; virtio-rng:
+//! `poll_us`, `notify_mmap`; vhost-user-proxy: `backend_socket`, `virtio_id`, `queues`.
+//! Every device also takes `max_dma_maps`. A transport that listens on a socket
+//! (vfio-user, vhost-user) needs `socket`, and `socket_mode`, `socket_group`
+//! (`--socket-group`) and `allow_uids` (`--allow-uid`, at least one uid when given) are
+//! meant for it; a vduse device has none of these, takes `attach`, and its name must be a
+//! valid VDUSE device name (it defaults to "<type>-<index>" like the others). Which
+//! device fits which transport comes from the device and the transports' list (VDUSE
+//! carries virtio-blk only here: Linux 6.12 accepts virtio-blk and virtio-net, and unidev
+//! has no net backend). The top-level `seccomp` is the seccomp policy of every device's
+//! worker threads (`unidev_core::sandbox`; default "off").
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::{DeviceArgs, Transport, VirtioArgs};
+use crate::devices::{self, Device};
 use unidev_core::sandbox::SeccompPolicy;
-use unidev_transports::export::VduseTarget;
+use unidev_transports::export::Vduse;
+use unidev_transports::transport::{transport_named, transport_names, AddressKind, TransportKind};
 use unidev_transports::vduse::VdpaDriver;
 
 #[derive(Deserialize)]
@@ -51,42 +56,32 @@ use unidev_transports::vduse::VdpaDriver;
 struct ConfigFile {
     seccomp: Option<toml::Spanned<String>>,
     #[serde(default)]
-    device: Vec<toml::Spanned<DeviceEntry>>,
+    device: Vec<toml::Spanned<BTreeMap<String, toml::Spanned<toml::Value>>>>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DeviceEntry {
-    name: Option<String>,
-    #[serde(rename = "type")]
-    kind: String,
-    transport: String,
-    socket: Option<PathBuf>,
-    socket_mode: Option<String>,
-    socket_group: Option<toml::Value>,
-    allow_uids: Option<Vec<i64>>,
-    attach: Option<String>,
-    max_dma_maps: Option<usize>,
-    inputs: Option<String>,
-    file: Option<PathBuf>,
-    readonly: Option<bool>,
-    queues: Option<u16>,
-    direct: Option<bool>,
-    block_size: Option<u32>,
-    poll_us: Option<u64>,
-    notify_mmap: Option<bool>,
-}
+/// The keys of a `[[device]]` table that are the daemon's, not the device's.
+const DAEMON_KEYS: &[&str] = &[
+    "name",
+    "type",
+    "transport",
+    "socket",
+    "socket_mode",
+    "socket_group",
+    "allow_uids",
+    "attach",
+    "max_dma_maps",
+];
 
 /// One device of the file, validated.
 pub struct DeviceSpec {
     /// Unique name (logs).
     pub name: String,
     /// Transport.
-    pub transport: Transport,
-    /// Listening socket (vfio-user, vhost-user).
+    pub transport: &'static dyn TransportKind,
+    /// Listening socket (transports that take one).
     pub socket: Option<PathBuf>,
     /// The kernel device (vduse).
-    pub vduse: Option<VduseTarget>,
+    pub vduse: Option<Vduse>,
     /// Socket permission bits.
     pub socket_mode: u32,
     /// Group of the socket.
@@ -96,7 +91,7 @@ pub struct DeviceSpec {
     /// Cap on DMA maps.
     pub max_dma_maps: usize,
     /// Device and its options.
-    pub device: DeviceArgs,
+    pub device: Box<dyn Device>,
     /// Where it is in the file (for later errors).
     pub location: String,
 }
@@ -125,16 +120,22 @@ fn parse_socket_group(v: &toml::Value) -> Result<u32, String> {
 }
 
 /// `allow_uids`: at least one valid uid.
-fn parse_allow_uids(uids: &[i64]) -> Result<Vec<u32>, String> {
+fn parse_allow_uids(v: &toml::Value) -> Result<Vec<u32>, String> {
+    let toml::Value::Array(uids) = v else {
+        return Err(format!(
+            "allow_uids must be a list of uids, not {}",
+            v.type_str()
+        ));
+    };
     if uids.is_empty() {
         return Err(
             "allow_uids is empty: list at least one uid, or leave it out to serve any uid".into(),
         );
     }
     uids.iter()
-        .map(|&u| {
-            u32::try_from(u)
-                .ok()
+        .map(|u| {
+            u.as_integer()
+                .and_then(|u| u32::try_from(u).ok())
                 .filter(|&u| u != u32::MAX)
                 .ok_or_else(|| format!("allow_uids: {u} is not a valid uid"))
         })
@@ -143,6 +144,24 @@ fn parse_allow_uids(uids: &[i64]) -> Result<Vec<u32>, String> {
 
 fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// A `[[device]]` table's keys, with their values and lines.
+struct Table<'a> {
+    entries: &'a BTreeMap<String, toml::Spanned<toml::Value>>,
+    text: &'a str,
+}
+
+impl Table<'_> {
+    fn get(&self, key: &str) -> Option<&toml::Value> {
+        self.entries.get(key).map(|v| v.get_ref())
+    }
+
+    fn line(&self, key: &str) -> Option<usize> {
+        self.entries
+            .get(key)
+            .map(|v| line_of(self.text, v.span().start))
+    }
 }
 
 /// Parse and validate `path`. Returns the policy and every device, or every problem
@@ -160,11 +179,16 @@ pub fn load(path: &Path) -> Result<Config, Vec<String>> {
     if parsed.device.is_empty() {
         return Err(vec![format!("{file}: no [[device]] entries")]);
     }
-    let mut errors = Vec::new();
+    let mut checker = Checker {
+        file: &file,
+        names: HashMap::new(),
+        sockets: HashMap::new(),
+        errors: Vec::new(),
+    };
     let seccomp = match &parsed.seccomp {
         None => SeccompPolicy::Off,
         Some(v) => v.get_ref().parse().unwrap_or_else(|e| {
-            errors.push(format!(
+            checker.errors.push(format!(
                 "{file}:{}: seccomp: {e}",
                 line_of(&text, v.span().start)
             ));
@@ -172,99 +196,191 @@ pub fn load(path: &Path) -> Result<Config, Vec<String>> {
         }),
     };
     let mut specs = Vec::new();
-    let mut names: HashMap<String, String> = HashMap::new();
-    let mut sockets: HashMap<PathBuf, String> = HashMap::new();
     for (i, spanned) in parsed.device.iter().enumerate() {
+        let table = Table {
+            entries: spanned.get_ref(),
+            text: &text,
+        };
         let line = line_of(&text, spanned.span().start);
-        let d = spanned.get_ref();
-        let name = d
-            .name
-            .clone()
-            .unwrap_or_else(|| format!("{}-{}", d.kind, i));
-        let location = format!("{file}:{line}: device {name:?}");
-        let mut err = |msg: String| errors.push(format!("{location}: {msg}"));
-        if let Some(first) = names.insert(name.clone(), location.clone()) {
-            err(format!("the name is already used ({first})"));
+        if let Some(spec) = checker.device(i, line, &table) {
+            specs.push(spec);
         }
-        if let Some(socket) = &d.socket {
-            if let Some(first) = sockets.insert(socket.clone(), location.clone()) {
-                err(format!(
+    }
+    if checker.errors.is_empty() {
+        Ok(Config {
+            seccomp,
+            devices: specs,
+        })
+    } else {
+        Err(checker.errors)
+    }
+}
+
+/// The checks that span the whole file (unique names and sockets), and every problem
+/// found.
+struct Checker<'a> {
+    file: &'a str,
+    names: HashMap<String, String>,
+    sockets: HashMap<PathBuf, String>,
+    errors: Vec<String>,
+}
+
+/// One `[[device]]` table being checked: its problems, each reported as
+/// `FILE:LINE: device "NAME": ...` with the table's line (or, for an unknown key, the
+/// key's).
+struct DeviceCheck<'a> {
+    name: String,
+    location: String,
+    file: &'a str,
+    problems: Vec<String>,
+}
+
+impl DeviceCheck<'_> {
+    fn err(&mut self, message: impl Into<String>) {
+        let message = message.into();
+        self.problems.push(format!("{}: {message}", self.location));
+    }
+
+    fn err_at_line(&mut self, line: usize, message: &str) {
+        self.problems.push(format!(
+            "{}:{line}: device {:?}: {message}",
+            self.file, self.name
+        ));
+    }
+
+    /// The string at `key`; an error if it is something else.
+    fn string(&mut self, table: &Table, key: &str) -> Option<String> {
+        match table.get(key)? {
+            toml::Value::String(s) => Some(s.clone()),
+            other => {
+                self.err(format!(
+                    "`{key}` must be a string, not {}",
+                    other.type_str()
+                ));
+                None
+            }
+        }
+    }
+}
+
+impl Checker<'_> {
+    /// Check table number `index` (at `line`); the device, if nothing is wrong with it.
+    fn device(&mut self, index: usize, line: usize, table: &Table) -> Option<DeviceSpec> {
+        let kind_name = match table.get("type") {
+            Some(toml::Value::String(s)) => Some(s.clone()),
+            _ => None,
+        };
+        let name = match table.get("name") {
+            Some(toml::Value::String(s)) => s.clone(),
+            _ => format!("{}-{index}", kind_name.as_deref().unwrap_or("device")),
+        };
+        let location = format!("{}:{line}: device {name:?}", self.file);
+        let mut d = DeviceCheck {
+            name: name.clone(),
+            location: location.clone(),
+            file: self.file,
+            problems: Vec::new(),
+        };
+        let spec = self.check(&mut d, table, kind_name);
+        let ok = d.problems.is_empty();
+        self.errors.append(&mut d.problems);
+        spec.filter(|_| ok)
+    }
+
+    fn check(
+        &mut self,
+        d: &mut DeviceCheck,
+        table: &Table,
+        kind_name: Option<String>,
+    ) -> Option<DeviceSpec> {
+        let _ = d.string(table, "name");
+        if let Some(first) = self.names.insert(d.name.clone(), d.location.clone()) {
+            d.err(format!("the name is already used ({first})"));
+        }
+        let socket = d.string(table, "socket").map(PathBuf::from);
+        if let Some(socket) = &socket {
+            if let Some(first) = self.sockets.insert(socket.clone(), d.location.clone()) {
+                d.err(format!(
                     "socket {} is already used ({first})",
                     socket.display()
                 ));
             }
         }
-        let transport = match d.transport.as_str() {
-            "vfio-user" => Some(Transport::VfioUser),
-            "vhost-user" => Some(Transport::VhostUser),
-            "vduse" => Some(Transport::Vduse),
-            other => {
-                err(format!(
-                    "unknown transport {other:?} (vfio-user, vhost-user or vduse)"
-                ));
+        let transport = match d.string(table, "transport") {
+            None => {
+                if table.get("transport").is_none() {
+                    d.err(format!("`transport` is missing ({})", transport_names()));
+                }
                 None
             }
-        };
-        let is_vduse = transport == Some(Transport::Vduse);
-        match (&d.socket, is_vduse) {
-            (None, false) if transport.is_some() => {
-                err(format!("transport {} needs `socket`", d.transport))
+            Some(t) => {
+                let found = transport_named(&t);
+                if found.is_none() {
+                    d.err(format!("unknown transport {t:?} ({})", transport_names()));
+                }
+                found
             }
-            (Some(_), true) => err(
-                "option `socket` does not apply to transport \"vduse\" (the device lives \
-                 in the kernel)"
-                    .into(),
-            ),
+        };
+        let transport_name = transport.map_or("", |t| t.name());
+        let address = transport.map(|t| t.address());
+        let kernel = address == Some(AddressKind::Vduse);
+        match (&socket, address) {
+            (None, Some(AddressKind::Socket)) => {
+                d.err(format!("transport {transport_name} needs `socket`"))
+            }
+            (Some(_), Some(AddressKind::Vduse)) => d.err(format!(
+                "option `socket` does not apply to transport \"{transport_name}\" (the device \
+                 lives in the kernel)"
+            )),
             _ => {}
         }
-        for (present, opt) in [
-            (d.socket_mode.is_some(), "socket_mode"),
-            (d.socket_group.is_some(), "socket_group"),
-            (d.allow_uids.is_some(), "allow_uids"),
-        ] {
-            if is_vduse && present {
-                err(format!(
-                    "option `{opt}` does not apply to transport \"vduse\""
-                ));
+        if kernel {
+            for opt in ["socket_mode", "socket_group", "allow_uids"] {
+                if table.get(opt).is_some() {
+                    d.err(format!(
+                        "option `{opt}` does not apply to transport \"{transport_name}\""
+                    ));
+                }
             }
         }
-        let socket_group = match d.socket_group.as_ref().map(parse_socket_group) {
+        let socket_group = match table.get("socket_group").map(parse_socket_group) {
             Some(Err(e)) => {
-                err(e);
+                d.err(e);
                 None
             }
             Some(Ok(g)) => Some(g),
             None => None,
         };
-        let allowed_uids = match d.allow_uids.as_deref().map(parse_allow_uids) {
+        let allowed_uids = match table.get("allow_uids").map(parse_allow_uids) {
             Some(Err(e)) => {
-                err(e);
+                d.err(e);
                 None
             }
             Some(Ok(u)) => Some(u),
             None => None,
         };
-        if !is_vduse && d.attach.is_some() {
-            err("option `attach` applies to transport \"vduse\" only".into());
+        let attach = d.string(table, "attach");
+        if !kernel && attach.is_some() {
+            d.err("option `attach` applies to transport \"vduse\" only");
         }
-        let vduse = if is_vduse {
-            if let Err(e) = unidev_transports::vduse::control::check_name(&name) {
-                err(e.to_string());
+        let vduse = if kernel {
+            if let Err(e) = unidev_transports::vduse::control::check_name(&d.name) {
+                d.err(e.to_string());
             }
-            let attach = match d.attach.as_deref() {
+            let driver = match attach.as_deref() {
                 None => Ok(None),
                 Some("virtio-vdpa") => Ok(Some(VdpaDriver::VirtioVdpa)),
                 Some("vhost-vdpa") => Ok(Some(VdpaDriver::VhostVdpa)),
                 Some(other) => Err(other),
             };
-            match attach {
-                Ok(attach) => {
-                    let mut target = VduseTarget::new(name.clone());
-                    target.attach = attach;
+            match driver {
+                Ok(driver) => {
+                    let mut target = Vduse::new(d.name.clone());
+                    target.attach = driver;
                     Some(target)
                 }
                 Err(other) => {
-                    err(format!(
+                    d.err(format!(
                         "attach {other:?}: must be \"virtio-vdpa\" or \"vhost-vdpa\""
                     ));
                     None
@@ -273,134 +389,99 @@ pub fn load(path: &Path) -> Result<Config, Vec<String>> {
         } else {
             None
         };
-        let socket_mode = match d.socket_mode.as_deref().map(crate::parse_mode) {
+        let socket_mode = match d
+            .string(table, "socket_mode")
+            .map(|m| crate::parse_mode(&m))
+        {
             None => 0o600,
             Some(Ok(m)) => m,
             Some(Err(e)) => {
-                err(e);
+                d.err(e);
                 0o600
             }
         };
-        let virtio = VirtioArgs {
-            poll_us: d.poll_us.unwrap_or(0),
-            notify_mmap: d.notify_mmap.unwrap_or(false),
+        let max_dma_maps = match table.get("max_dma_maps") {
+            None => unidev_core::memory::DEFAULT_MAX_MAPS,
+            Some(v) => match v.as_integer().and_then(|n| usize::try_from(n).ok()) {
+                Some(n) => n,
+                None => {
+                    d.err(format!("max_dma_maps {v}: not a count of maps"));
+                    unidev_core::memory::DEFAULT_MAX_MAPS
+                }
+            },
         };
-        // Options that do not belong to this type.
-        let mut reject = |present: bool, opt: &str| {
-            if present {
-                err(format!("option `{opt}` does not apply to {}", d.kind));
-            }
-        };
-        let device = match d.kind.as_str() {
-            "gpio" => {
-                reject(d.file.is_some(), "file");
-                reject(d.readonly.is_some(), "readonly");
-                reject(d.queues.is_some(), "queues");
-                reject(d.direct.is_some(), "direct");
-                reject(d.block_size.is_some(), "block_size");
-                reject(d.poll_us.is_some(), "poll_us");
-                reject(d.notify_mmap.is_some(), "notify_mmap");
-                if matches!(transport, Some(Transport::VhostUser | Transport::Vduse)) {
-                    err("gpio is a full PCI device: it needs transport = \"vfio-user\"".into());
-                }
-                match d.inputs.as_deref().map(crate::parse_hex16) {
-                    None => Some(DeviceArgs::Gpio { inputs: 0 }),
-                    Some(Ok(inputs)) => Some(DeviceArgs::Gpio { inputs }),
-                    Some(Err(e)) => {
-                        err(e);
-                        None
-                    }
-                }
-            }
-            "virtio-blk" => {
-                reject(d.inputs.is_some(), "inputs");
-                let block_size = d.block_size.unwrap_or(512);
-                let queues = d.queues.unwrap_or(1);
-                let mut ok = true;
-                if !matches!(block_size, 512 | 4096) {
-                    err(format!("block_size {block_size}: must be 512 or 4096"));
-                    ok = false;
-                }
-                if !(1..=64).contains(&queues) {
-                    err(format!("queues {queues}: must be 1 to 64"));
-                    ok = false;
-                }
-                match &d.file {
-                    None => {
-                        err("virtio-blk needs `file`".into());
-                        None
-                    }
-                    Some(f) if !f.exists() => {
-                        err(format!("file {} does not exist", f.display()));
-                        None
-                    }
-                    Some(f) if ok => Some(DeviceArgs::VirtioBlk {
-                        file: f.clone(),
-                        readonly: d.readonly.unwrap_or(false),
-                        queues,
-                        direct: d.direct.unwrap_or(false),
-                        block_size,
-                        virtio,
-                    }),
-                    Some(_) => None,
-                }
-            }
-            "virtio-rng" => {
-                reject(d.inputs.is_some(), "inputs");
-                reject(d.file.is_some(), "file");
-                reject(d.readonly.is_some(), "readonly");
-                reject(d.queues.is_some(), "queues");
-                reject(d.direct.is_some(), "direct");
-                reject(d.block_size.is_some(), "block_size");
-                if is_vduse {
-                    err(
-                        "virtio-rng cannot be served over VDUSE (Linux 6.12 accepts virtio-blk \
-                         and virtio-net only)"
-                            .into(),
-                    );
-                }
-                Some(DeviceArgs::VirtioRng { virtio })
-            }
-            other => {
-                err(format!(
-                    "unknown device type {other:?} (gpio, virtio-blk or virtio-rng)"
-                ));
-                None
-            }
-        };
-        if virtio.notify_mmap && matches!(transport, Some(Transport::VhostUser | Transport::Vduse))
-        {
-            errors.push(format!(
-                "{location}: notify_mmap applies to the vfio-user transport only"
-            ));
-        }
-        if is_vduse && vduse.is_none() {
-            continue;
-        }
-        if let (Some(transport), Some(device)) = (transport, device) {
-            specs.push(DeviceSpec {
-                name,
-                transport,
-                socket: d.socket.clone(),
-                vduse,
-                socket_mode,
-                socket_group,
-                allowed_uids,
-                max_dma_maps: d
-                    .max_dma_maps
-                    .unwrap_or(unidev_core::memory::DEFAULT_MAX_MAPS),
-                device,
-                location,
-            });
-        }
-    }
-    if errors.is_empty() {
-        Ok(Config {
-            seccomp,
-            devices: specs,
+        let device = self.options(d, table, kind_name, transport);
+        Some(DeviceSpec {
+            name: d.name.clone(),
+            transport: transport?,
+            socket,
+            vduse: if kernel { Some(vduse?) } else { None },
+            socket_mode,
+            socket_group,
+            allowed_uids,
+            max_dma_maps,
+            device: device?,
+            location: d.location.clone(),
         })
-    } else {
-        Err(errors)
+    }
+
+    /// The device of type `kind_name`, configured by every key that is not the
+    /// daemon's, checked against `transport`.
+    fn options(
+        &self,
+        d: &mut DeviceCheck,
+        table: &Table,
+        kind_name: Option<String>,
+        transport: Option<&'static dyn TransportKind>,
+    ) -> Option<Box<dyn Device>> {
+        // A key that is nobody's option (a typo) is reported at its own line, whatever
+        // the type.
+        let mut options: BTreeMap<String, toml::Value> = BTreeMap::new();
+        for (key, value) in table.entries {
+            if DAEMON_KEYS.contains(&key.as_str()) {
+                continue;
+            }
+            if devices::is_option(key) {
+                options.insert(key.clone(), value.get_ref().clone());
+            } else {
+                d.err_at_line(
+                    table.line(key).unwrap_or(0),
+                    &format!("unknown option `{key}`"),
+                );
+            }
+        }
+        let kind_name = match (kind_name, table.get("type")) {
+            (Some(k), _) => k,
+            (None, None) => {
+                d.err(format!("`type` is missing ({})", devices::kind_names()));
+                return None;
+            }
+            (None, Some(other)) => {
+                d.err(format!("`type` must be a string, not {}", other.type_str()));
+                return None;
+            }
+        };
+        let Some(kind) = devices::kind_named(&kind_name) else {
+            d.err(format!(
+                "unknown device type {kind_name:?} ({})",
+                devices::kind_names()
+            ));
+            return None;
+        };
+        let (device, key_errors) = kind.configure_from_table(&options);
+        for e in key_errors {
+            d.err(e);
+        }
+        let device = device?;
+        if let Some(transport) = transport {
+            if let Err(e) = device.check_transport(transport) {
+                d.err(e);
+            }
+        }
+        for problem in device.validate() {
+            d.err(problem);
+        }
+        Some(device)
     }
 }
 
@@ -433,7 +514,7 @@ mod tests {
             .devices;
         let _ = std::fs::remove_file(&image);
         assert_eq!(specs.len(), 2);
-        assert_eq!(specs[0].transport, Transport::Vduse);
+        assert_eq!(specs[0].transport.name(), "vduse");
         assert!(specs[0].socket.is_none());
         let v = specs[0].vduse.as_ref().unwrap();
         assert_eq!(v.name, "vdisk0");
@@ -442,10 +523,7 @@ mod tests {
             v.control_path,
             PathBuf::from(unidev_transports::vduse::DEFAULT_CONTROL_PATH)
         );
-        assert!(matches!(
-            specs[0].device,
-            DeviceArgs::VirtioBlk { queues: 2, .. }
-        ));
+        assert_eq!(specs[0].device.kind(), "virtio-blk");
         // Unnamed: the default name, which is a valid VDUSE name; not attached.
         let v = specs[1].vduse.as_ref().unwrap();
         assert_eq!(v.name, "virtio-blk-1");
@@ -495,7 +573,7 @@ transport = \"vhost-user\"
             "devices.toml:1: device \"a\": option `socket` does not apply to transport \"vduse\"",
             "devices.toml:1: device \"a\": option `socket_mode` does not apply",
             "devices.toml:1: device \"a\": attach \"vhost-user\": must be",
-            "devices.toml:10: device \"b\": virtio-rng cannot be served over VDUSE",
+            "devices.toml:10: device \"b\": virtio device type 4 (virtio-rng) cannot be served over VDUSE",
             "devices.toml:15: device \"c\": option `attach` applies to transport \"vduse\" only",
             "devices.toml:22: device \"bad name\": invalid VDUSE device name",
             "devices.toml:22: device \"bad name\": gpio is a full PCI device",

@@ -1,12 +1,16 @@
 //! `unidev`: the device daemon.
 //!
 //! `unidev serve --transport vfio-user --socket-path PATH [options] <DEVICE> [device
-//! options]` exports one device; `unidev serve --transport vduse --name NAME [--attach
+//! options]` exports one device (the daemon's options may come before or after the
+//! device); `unidev serve --transport vduse --name NAME [--attach
 //! virtio-vdpa|vhost-vdpa] virtio-blk --file F` makes it a kernel VDUSE device; `unidev run
 //! devices.toml` starts many devices (`config.rs`); `unidev vdpa-info /dev/vhost-vdpa-N`
 //! shows what a vhost-vdpa device reports (`vdpa_info.rs`); `unidev` alone starts the
 //! default demo (a virtio-blk on a scratch image, on `./unidev-blk.sock`) and prints the
 //! QEMU command line for it.
+//!
+//! Devices come from one registry (`devices/`), transports from the transports crate's
+//! list (`unidev_transports::transport::TRANSPORTS`): neither is named here.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -17,24 +21,23 @@ use std::time::Duration;
 
 mod bench;
 mod config;
+mod devices;
 mod vdpa_info;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::builder::{PossibleValue, PossibleValuesParser};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use log::{error, info};
-use unidev_backends::gpio::IdioGpioCard;
-use unidev_backends::virtio_blk::{BlkOptions, VirtioBlk};
-use unidev_backends::virtio_rng::VirtioRng;
-use unidev_compat::vhost_user_proxy::VhostUserProxy;
 use unidev_core::dispatch::{EventLoop, StopHandle};
-use unidev_core::memory::DmaSpace;
 use unidev_core::sandbox::SeccompPolicy;
-use unidev_transports::export::{
-    Export, ExportOptions, Running, Socket as ExportSocket, Transport as ExportTransport,
-    VduseTarget,
-};
+use unidev_transports::export::{ExportOptions, Exported, Running, Socket, Vduse};
 use unidev_transports::listener;
+use unidev_transports::transport::{
+    transport_named, transport_names, Address, AddressKind, TransportKind, TRANSPORTS,
+};
 use unidev_transports::vduse::{VdpaDriver, DEFAULT_CONTROL_PATH};
 use unidev_transports::vfio_user::{DmaRwLayout, ServerConfig};
+
+use devices::{BuildContext, Built, Device, DeviceChoice};
 
 #[derive(Parser)]
 #[command(
@@ -71,24 +74,31 @@ enum Command {
     },
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
-enum Transport {
-    /// vfio-user (QEMU's vfio-user-pci client): any device, virtio ones as virtio-pci.
-    VfioUser,
-    /// vhost-user (QEMU's vhost-user-*-pci devices): virtio devices.
-    VhostUser,
-    /// VDUSE (a Linux vDPA device in userspace): virtio-blk for this kernel (virtio-vdpa)
-    /// or for a VMM (vhost-vdpa).
-    Vduse,
+/// The `--transport` values: every transport of the transports crate's list.
+fn transport_parser() -> PossibleValuesParser {
+    PossibleValuesParser::new(
+        TRANSPORTS
+            .iter()
+            .map(|t| PossibleValue::new(t.name()).help(t.about())),
+    )
 }
 
 /// The vDPA bus driver a VDUSE device is bound to.
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
-enum AttachArg {
+pub enum AttachArg {
     /// virtio_vdpa: the device appears in this kernel (e.g. /dev/vdX).
     VirtioVdpa,
     /// vhost_vdpa: the device appears as /dev/vhost-vdpa-N for a VMM.
     VhostVdpa,
+}
+
+impl AttachArg {
+    fn driver(self) -> VdpaDriver {
+        match self {
+            AttachArg::VirtioVdpa => VdpaDriver::VirtioVdpa,
+            AttachArg::VhostVdpa => VdpaDriver::VhostVdpa,
+        }
+    }
 }
 
 /// The seccomp policy of the threads that handle guest data (`unidev_core::sandbox`).
@@ -130,129 +140,62 @@ enum LayoutArg {
     Spec,
 }
 
+/// `unidev serve`: the daemon's options (accepted before or after the device name) and
+/// the device with its own options.
 #[derive(Args)]
 struct ServeArgs {
     /// Transport to export the device over.
-    #[arg(long, value_enum)]
-    transport: Transport,
+    #[arg(long, global = true, value_parser = transport_parser())]
+    transport: Option<String>,
     /// Path of the listening socket (created; an old socket there is replaced).
-    #[arg(long, required_unless_present_any = ["fd", "name"], conflicts_with = "fd")]
+    #[arg(long, global = true, conflicts_with = "fd")]
     socket_path: Option<PathBuf>,
     /// Serve an inherited, already-listening socket instead (socket activation).
-    #[arg(long)]
+    #[arg(long, global = true)]
     fd: Option<i32>,
     /// Permission bits of the socket, in octal.
-    #[arg(long, default_value = "0600", value_parser = parse_mode)]
+    #[arg(long, global = true, default_value = "0600", value_parser = parse_mode)]
     socket_mode: u32,
     /// Group of the socket (a name or a numeric gid), for a client running as another
     /// user in that group (with --socket-mode 0660).
-    #[arg(long, value_parser = parse_group)]
+    #[arg(long, global = true, value_parser = parse_group)]
     socket_group: Option<u32>,
     /// Serve only clients running as this uid (SO_PEERCRED); repeat to allow several.
     /// Others are refused and logged.
-    #[arg(long = "allow-uid", value_name = "UID")]
+    #[arg(long = "allow-uid", global = true, value_name = "UID")]
     allow_uids: Vec<u32>,
     /// Cap on the client's DMA maps.
-    #[arg(long, default_value_t = unidev_core::memory::DEFAULT_MAX_MAPS)]
+    #[arg(long, global = true, default_value_t = unidev_core::memory::DEFAULT_MAX_MAPS)]
     max_dma_maps: usize,
     /// Most file descriptors accepted per message (QEMU accepts at most 16).
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=253))]
+    #[arg(long, global = true, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=253))]
     max_msg_fds: u32,
     /// Largest data transfer per message, in bytes.
-    #[arg(long, default_value_t = 1 << 20, value_parser = clap::value_parser!(u32).range(8..=(64 << 20)))]
+    #[arg(long, global = true, default_value_t = 1 << 20, value_parser = clap::value_parser!(u32).range(8..=(64 << 20)))]
     max_data_xfer_size: u32,
     /// Layout of DMA_READ/DMA_WRITE payloads for maps without an fd.
-    #[arg(long, value_enum, default_value = "qemu")]
+    #[arg(long, global = true, value_enum, default_value = "qemu")]
     dma_rw_layout: LayoutArg,
     /// Seconds a client may stall inside a message before it is dropped.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, global = true, default_value_t = 10)]
     io_timeout_secs: u64,
     /// Seccomp filter of the threads that handle guest data (vring workers, interrupt
     /// relays, the VDUSE thread): off, log (calls outside the allow-list are logged by
     /// the kernel) or kill (they kill the daemon with SIGSYS).
-    #[arg(long, value_enum, default_value = "off")]
+    #[arg(long, global = true, value_enum, default_value = "off")]
     seccomp: SeccompArg,
     /// VDUSE: the device name (/dev/vduse/NAME, and the vDPA device's name).
-    #[arg(long, conflicts_with_all = ["socket_path", "fd"], required_if_eq("transport", "vduse"))]
+    #[arg(long, global = true, conflicts_with_all = ["socket_path", "fd"])]
     name: Option<String>,
     /// VDUSE: add the device to the vDPA bus (as `vdpa dev add` does) bound to this
     /// driver; it is removed again on shutdown. Without it, attach it yourself.
-    #[arg(long, value_enum)]
+    #[arg(long, global = true, value_enum)]
     attach: Option<AttachArg>,
     /// VDUSE: the control device.
-    #[arg(long, default_value = DEFAULT_CONTROL_PATH)]
+    #[arg(long, global = true, default_value = DEFAULT_CONTROL_PATH)]
     vduse_control: PathBuf,
     #[command(subcommand)]
-    device: DeviceArgs,
-}
-
-#[derive(Subcommand, Clone)]
-enum DeviceArgs {
-    /// An ACCES PCI-IDIO-16 compatible GPIO card (Linux driver gpio-pci-idio-16).
-    Gpio {
-        /// Input lines 0-15, as hex (e.g. 0xa5c3).
-        #[arg(long, default_value = "0", value_parser = parse_hex16)]
-        inputs: u16,
-    },
-    /// A virtio block device on a raw image file or block device.
-    VirtioBlk {
-        /// The image file or block device.
-        #[arg(long)]
-        file: PathBuf,
-        /// Refuse writes (the device advertises VIRTIO_BLK_F_RO).
-        #[arg(long)]
-        readonly: bool,
-        /// Number of request queues (one worker thread each).
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
-        queues: u16,
-        /// Open the file with O_DIRECT.
-        #[arg(long)]
-        direct: bool,
-        /// Logical block size in bytes.
-        #[arg(long, default_value_t = 512, value_parser = parse_block_size)]
-        block_size: u32,
-        #[command(flatten)]
-        virtio: VirtioArgs,
-    },
-    /// A virtio entropy device fed from the OS random source.
-    VirtioRng {
-        #[command(flatten)]
-        virtio: VirtioArgs,
-    },
-    /// An existing vhost-user backend process (qemu-storage-daemon, vhost-device-*,
-    /// virtiofsd) presented as a virtio-pci device: unidev is its vhost-user frontend and
-    /// passes memory fds, kick and call eventfds through (no copies).
-    VhostUserProxy {
-        /// The backend process's vhost-user socket.
-        #[arg(long)]
-        backend_socket: PathBuf,
-        /// Virtio device type of the backend (2 = block, 4 = entropy, 26 = fs, ...).
-        #[arg(long)]
-        virtio_id: u32,
-        /// Number of queues to use.
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=128))]
-        queues: u16,
-    },
-}
-
-/// Options every virtio device takes.
-#[derive(Args, Clone, Copy)]
-struct VirtioArgs {
-    /// Adaptive polling: after handling a queue, poll it this many microseconds before
-    /// sleeping (0: off).
-    #[arg(long, default_value_t = 0)]
-    poll_us: u64,
-    /// Make the notify area mappable (the driver's notifications then go to shared
-    /// memory) and poll the queues continuously (one busy core per worker).
-    #[arg(long)]
-    notify_mmap: bool,
-}
-
-fn parse_block_size(s: &str) -> Result<u32, String> {
-    match s.parse::<u32>() {
-        Ok(n @ (512 | 4096)) => Ok(n),
-        _ => Err(format!("{s:?}: the logical block size must be 512 or 4096")),
-    }
+    device: DeviceChoice,
 }
 
 /// A group given by name or numeric gid.
@@ -293,112 +236,6 @@ fn parse_mode(s: &str) -> Result<u32, String> {
         return Err(format!("{s:?}: mode must be at most 0777"));
     }
     Ok(m)
-}
-
-fn parse_hex16(s: &str) -> Result<u16, String> {
-    let t = s.trim_start_matches("0x").trim_start_matches("0X");
-    u16::from_str_radix(t, 16).map_err(|e| format!("{s:?} is not a 16-bit hex value: {e}"))
-}
-
-/// `dev` as an export named `name`, its DMA maps capped at `max_dma_maps`. Whether it
-/// fits `transport` is checked by the export (one place for every user of the API), except
-/// for the proxy, which is meant to sit behind vfio-user.
-fn make_device(
-    dev: &DeviceArgs,
-    name: &str,
-    max_dma_maps: usize,
-    transport: Transport,
-) -> Result<Export, String> {
-    match dev {
-        DeviceArgs::Gpio { inputs } => {
-            info!("gpio: inputs = {inputs:#06x}");
-            let dma = Arc::new(DmaSpace::new(max_dma_maps));
-            Ok(Export::pci(name, IdioGpioCard::new(dma, *inputs)))
-        }
-        DeviceArgs::VirtioBlk {
-            file,
-            readonly,
-            queues,
-            direct,
-            block_size,
-            virtio: _,
-        } => {
-            let blk = VirtioBlk::new(BlkOptions {
-                path: file.clone(),
-                readonly: *readonly,
-                queues: *queues,
-                direct: *direct,
-                logical_block_size: *block_size,
-                ..BlkOptions::default()
-            })
-            .map_err(|e| format!("virtio-blk: {}: {e}", file.display()))?;
-            info!(
-                "virtio-blk: {} ({} queue(s){}{})",
-                file.display(),
-                queues,
-                if *readonly { ", read-only" } else { "" },
-                if *direct { ", O_DIRECT" } else { "" }
-            );
-            Ok(Export::virtio(name, VIRTIO_ID_BLOCK, Arc::new(blk)))
-        }
-        DeviceArgs::VhostUserProxy {
-            backend_socket,
-            virtio_id,
-            queues,
-        } => {
-            if transport != Transport::VfioUser {
-                return Err(
-                    "vhost-user-proxy puts a vhost-user backend behind vfio-user: \
-                            use --transport vfio-user"
-                        .into(),
-                );
-            }
-            let dma = Arc::new(DmaSpace::new(max_dma_maps));
-            let proxy = VhostUserProxy::connect(
-                backend_socket,
-                *virtio_id,
-                usize::from(*queues),
-                dma.clone(),
-            )
-            .map_err(|e| {
-                format!(
-                    "vhost-user-proxy: cannot use the backend at {}: {e}",
-                    backend_socket.display()
-                )
-            })?;
-            info!(
-                "vhost-user-proxy: virtio device type {virtio_id} at {}",
-                backend_socket.display()
-            );
-            Ok(Export::virtio_device(name, proxy, dma))
-        }
-        DeviceArgs::VirtioRng { virtio: _ } => {
-            let rng = VirtioRng::new().map_err(|e| format!("virtio-rng: {e}"))?;
-            Ok(Export::virtio(name, VIRTIO_ID_RNG, Arc::new(rng)))
-        }
-    }
-}
-
-/// `base` with the device's own options (adaptive polling, mappable notify area).
-fn device_options(base: ExportOptions, dev: &DeviceArgs) -> ExportOptions {
-    match dev {
-        DeviceArgs::VirtioBlk { virtio, .. } | DeviceArgs::VirtioRng { virtio } => base
-            .poll(Duration::from_micros(virtio.poll_us))
-            .notify_mmap(virtio.notify_mmap),
-        DeviceArgs::Gpio { .. } | DeviceArgs::VhostUserProxy { .. } => base,
-    }
-}
-
-const VIRTIO_ID_BLOCK: u32 = 2;
-const VIRTIO_ID_RNG: u32 = 4;
-
-fn device_name(dev: &DeviceArgs) -> &'static str {
-    match dev {
-        DeviceArgs::VhostUserProxy { .. } => "vhost-user-proxy",
-        DeviceArgs::Gpio { .. } => "gpio",
-        DeviceArgs::VirtioBlk { .. } => "virtio-blk",
-        DeviceArgs::VirtioRng { .. } => "virtio-rng",
-    }
 }
 
 /// Route SIGTERM and SIGINT to every server's stop handle: the handler only writes an
@@ -449,7 +286,7 @@ fn install_signal_handlers(stops: Vec<StopHandle>) -> io::Result<()> {
 }
 
 /// The export options `serve` was given.
-fn serve_options(args: &ServeArgs) -> ExportOptions {
+fn serve_options(args: &ServeArgs, device: &dyn Device) -> ExportOptions {
     let mut options = ExportOptions::default()
         .socket_mode(args.socket_mode)
         .max_dma_maps(args.max_dma_maps)
@@ -466,16 +303,46 @@ fn serve_options(args: &ServeArgs) -> ExportOptions {
     if !args.allow_uids.is_empty() {
         options = options.allow_uids(args.allow_uids.iter().copied());
     }
-    device_options(options, &args.device)
+    device.export_options(options)
 }
 
-/// A socket transport listening on `socket`, as the export API takes it (VDUSE devices
-/// have no socket and never come here).
-fn socket_transport(transport: Transport, socket: ExportSocket) -> ExportTransport {
-    match transport {
-        Transport::VhostUser => ExportTransport::VhostUser(socket),
-        Transport::VfioUser | Transport::Vduse => ExportTransport::VfioUser(socket),
+/// Check that `device` fits `transport` and that its options hold; every problem in one
+/// message.
+fn check_device(device: &dyn Device, transport: &dyn TransportKind) -> Result<(), String> {
+    let mut problems = device.validate();
+    if let Err(e) = device.check_transport(transport) {
+        problems.insert(0, e);
     }
+    match problems.is_empty() {
+        true => Ok(()),
+        false => Err(problems.join("; ")),
+    }
+}
+
+/// Put a built device on `transport` at `address`.
+fn export(
+    built: Built,
+    transport: &dyn TransportKind,
+    address: Address,
+    options: &ExportOptions,
+) -> Result<Exported, String> {
+    let exported = match built {
+        Built::Pci(export) => {
+            let name = export.name().to_string();
+            let Some(at) = transport.pci(address) else {
+                return Err(format!(
+                    "{name}: transport {} carries no PCI functions",
+                    transport.name()
+                ));
+            };
+            export.serve(at.map_err(|e| e.to_string())?, options)
+        }
+        Built::Virtio(export) => export.serve(
+            transport.virtio(address).map_err(|e| e.to_string())?,
+            options,
+        ),
+    };
+    exported.map_err(|e| e.to_string())
 }
 
 /// `serve`: one device on one transport, through the same export API a device author
@@ -484,65 +351,61 @@ fn socket_transport(transport: Transport, socket: ExportSocket) -> ExportTranspo
 /// to the vDPA bus; on SIGTERM/SIGINT it is detached first (while its requests are still
 /// served: the driver resets the device on removal), then destroyed.
 fn serve(args: ServeArgs) -> Result<(), String> {
-    let vduse = args.transport == Transport::Vduse;
-    if !vduse && (args.name.is_some() || args.attach.is_some()) {
+    let Some(transport) = args.transport.as_deref() else {
+        return Err(format!("--transport is required ({})", transport_names()));
+    };
+    let transport = transport_named(transport)
+        .ok_or_else(|| format!("unknown transport {transport:?} ({})", transport_names()))?;
+    let device = &*args.device.0;
+    let kind = device.kind();
+    let takes_name = transport.address() == AddressKind::Vduse;
+    if !takes_name && (args.name.is_some() || args.attach.is_some()) {
         return Err("--name and --attach apply to --transport vduse only".into());
     }
-    let vduse_name = match (&args.name, vduse) {
-        (Some(n), true) => Some(n.clone()),
-        (None, true) => {
-            return Err("--transport vduse needs --name NAME (the /dev/vduse/NAME device)".into())
-        }
-        _ => None,
-    };
-    let name = device_name(&args.device);
-    if let DeviceArgs::VirtioBlk { virtio, .. } | DeviceArgs::VirtioRng { virtio } = &args.device {
-        if virtio.notify_mmap && args.transport != Transport::VfioUser {
-            return Err(format!(
-                "{name}: --notify-mmap applies to the vfio-user transport only"
-            ));
-        }
-    }
-    set_seccomp(args.seccomp.policy())?;
-    let export = make_device(&args.device, name, args.max_dma_maps, args.transport)?;
-    let (transport, shown) = match (vduse_name, &args.socket_path, args.fd) {
-        (Some(vduse_name), _, _) => {
-            let mut target = VduseTarget::new(vduse_name).control_path(&args.vduse_control);
+    let (address, shown) = match transport.address() {
+        AddressKind::Vduse => {
+            let Some(name) = &args.name else {
+                return Err(format!(
+                    "--transport {} needs --name NAME (the /dev/vduse/NAME device)",
+                    transport.name()
+                ));
+            };
+            let mut target = Vduse::new(name.clone()).control_path(&args.vduse_control);
             target.attach = args.attach.map(AttachArg::driver);
-            (ExportTransport::Vduse(target), None)
+            (Address::Vduse(target), None)
         }
-        (None, Some(path), _) => (
-            socket_transport(args.transport, ExportSocket::Path(path.clone())),
-            Some(path.display().to_string()),
-        ),
-        (None, None, Some(fd)) => (
-            socket_transport(
-                args.transport,
-                ExportSocket::Listener(listener::from_fd(fd).map_err(|e| e.to_string())?),
+        _ => match (&args.socket_path, args.fd) {
+            (Some(path), _) => (
+                Address::Socket(Socket::Path(path.clone())),
+                Some(path.display().to_string()),
             ),
-            Some(format!("fd {fd}")),
-        ),
-        (None, None, None) => return Err("--socket-path or --fd is required".into()),
+            (None, Some(fd)) => (
+                Address::Socket(Socket::Listener(
+                    listener::from_fd(fd).map_err(|e| e.to_string())?,
+                )),
+                Some(format!("fd {fd}")),
+            ),
+            (None, None) => {
+                return Err(format!(
+                    "--transport {} needs --socket-path PATH or --fd N",
+                    transport.name()
+                ))
+            }
+        },
     };
-    let transport_name = transport.name();
-    let exported = export
-        .serve(transport, &serve_options(&args))
-        .map_err(|e| e.to_string())?;
+    check_device(device, transport)?;
+    set_seccomp(args.seccomp.policy())?;
+    let built = device.build(&BuildContext {
+        name: kind,
+        max_dma_maps: args.max_dma_maps,
+    })?;
+    let exported = export(built, transport, address, &serve_options(&args, device))?;
     install_signal_handlers(vec![exported.stop_handle()])
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     if let Some(shown) = shown {
-        info!("{name}: {transport_name} server listening on {shown}");
+        info!("{kind}: {} server listening on {shown}", transport.name());
     }
     exported.run().map_err(|e| e.to_string())
-}
-
-impl AttachArg {
-    fn driver(self) -> VdpaDriver {
-        match self {
-            AttachArg::VirtioVdpa => VdpaDriver::VirtioVdpa,
-            AttachArg::VhostVdpa => VdpaDriver::VhostVdpa,
-        }
-    }
 }
 
 /// A callback for each of `n` devices; the last one to run stops `wake`.
@@ -571,11 +434,16 @@ fn run(path: &std::path::Path) -> Result<(), String> {
     set_seccomp(config.seccomp)?;
     let specs = config.devices;
     // Build every device before any socket appears: a bad image file stops the start.
-    let mut exports = Vec::with_capacity(specs.len());
+    let mut built = Vec::with_capacity(specs.len());
     for s in &specs {
-        let export = make_device(&s.device, &s.name, s.max_dma_maps, s.transport)
+        let device = s
+            .device
+            .build(&BuildContext {
+                name: &s.name,
+                max_dma_maps: s.max_dma_maps,
+            })
             .map_err(|e| format!("{}: {e}; nothing started", s.location))?;
-        exports.push(export);
+        built.push(device);
     }
     let options = |s: &config::DeviceSpec| {
         let mut o = ExportOptions::default()
@@ -583,7 +451,7 @@ fn run(path: &std::path::Path) -> Result<(), String> {
             .max_dma_maps(s.max_dma_maps);
         o.socket_group = s.socket_group;
         o.allowed_uids = s.allowed_uids.clone();
-        device_options(o, &s.device)
+        s.device.export_options(o)
     };
     // Ended by a signal, or once every device has stopped on its own.
     let mut shutdown =
@@ -594,33 +462,35 @@ fn run(path: &std::path::Path) -> Result<(), String> {
     // early leaves nothing behind.
     let mut socket_devices = Vec::with_capacity(specs.len());
     let mut kernel_devices = Vec::new();
-    for (s, export) in specs.iter().zip(exports) {
+    for (s, device) in specs.iter().zip(built) {
         let Some(socket) = &s.socket else {
-            kernel_devices.push((s, export));
+            kernel_devices.push((s, device));
             continue;
         };
-        let transport = socket_transport(s.transport, ExportSocket::Path(socket.clone()));
-        let exported = export
-            .serve(transport, &options(s))
+        let address = Address::Socket(Socket::Path(socket.clone()));
+        let exported = export(device, s.transport, address, &options(s))
             .map_err(|e| format!("{}: {e}; nothing started", s.location))?;
         socket_devices.push((s, exported.on_exit(done())));
     }
     install_signal_handlers(vec![wake])
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     // VDUSE devices appear system-wide: create them once every socket is in place.
-    let mut running_vduse: Vec<Running> = Vec::new();
-    for (s, export) in kernel_devices {
+    let mut running_kernel: Vec<Running> = Vec::new();
+    for (s, device) in kernel_devices {
         let started = match &s.vduse {
-            Some(target) => export
-                .serve(ExportTransport::Vduse(target.clone()), &options(s))
-                .and_then(|e| e.on_exit(done()).spawn())
-                .map_err(|e| e.to_string()),
-            None => Err("VDUSE carries virtio devices only".to_string()),
+            Some(target) => export(
+                device,
+                s.transport,
+                Address::Vduse(target.clone()),
+                &options(s),
+            )
+            .and_then(|e| e.on_exit(done()).spawn().map_err(|e| e.to_string())),
+            None => Err(format!("transport {} needs an address", s.transport.name())),
         };
         match started {
-            Ok(r) => running_vduse.push(r),
+            Ok(r) => running_kernel.push(r),
             Err(e) => {
-                for r in running_vduse.into_iter().rev() {
+                for r in running_kernel.into_iter().rev() {
                     if let Err(e) = r.stop() {
                         error!("{e}");
                     }
@@ -644,7 +514,7 @@ fn run(path: &std::path::Path) -> Result<(), String> {
         error!("shutdown waiter failed: {e}");
     }
     // VDUSE devices first: removing one from the vDPA bus needs its server running.
-    for r in running_vduse {
+    for r in running_kernel {
         if let Err(e) = r.stop() {
             error!("{e}");
         }
@@ -682,34 +552,28 @@ fn demo() -> Result<(), String> {
         sock.display()
     );
     println!("the guest sees the disk as /dev/vda (virtio_blk driver). Ctrl-C stops the daemon.");
-    serve(ServeArgs {
-        transport: Transport::VfioUser,
-        socket_path: Some(sock),
-        fd: None,
-        socket_mode: 0o600,
-        socket_group: None,
-        allow_uids: Vec::new(),
-        max_dma_maps: unidev_core::memory::DEFAULT_MAX_MAPS,
-        max_msg_fds: 16,
-        max_data_xfer_size: 1 << 20,
-        dma_rw_layout: LayoutArg::Qemu,
-        io_timeout_secs: 10,
-        seccomp: SeccompArg::Off,
-        name: None,
-        attach: None,
-        vduse_control: PathBuf::from(DEFAULT_CONTROL_PATH),
-        device: DeviceArgs::VirtioBlk {
-            file: image,
-            readonly: false,
-            queues: 1,
-            direct: false,
-            block_size: 512,
-            virtio: VirtioArgs {
-                poll_us: 0,
-                notify_mmap: false,
-            },
-        },
-    })
+    // The demo is `unidev serve` with these arguments: every default from one place.
+    let argv = [
+        "unidev".into(),
+        "serve".into(),
+        "--transport".into(),
+        "vfio-user".into(),
+        "--socket-path".into(),
+        sock.into_os_string(),
+        "virtio-blk".into(),
+        "--file".into(),
+        image.into_os_string(),
+    ];
+    let matches = Cli::command()
+        .try_get_matches_from(argv)
+        .map_err(|e| e.to_string())?;
+    match Cli::from_arg_matches(&matches)
+        .map_err(|e| e.to_string())?
+        .command
+    {
+        Some(Command::Serve(args)) => serve(args),
+        _ => Err("the demo's arguments did not parse as `serve`".into()),
+    }
 }
 
 fn main() -> ExitCode {
@@ -728,6 +592,98 @@ fn main() -> ExitCode {
             error!("{e}");
             eprintln!("unidev: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    fn serve_args(argv: &[&str]) -> Result<ServeArgs, String> {
+        let matches = Cli::command()
+            .try_get_matches_from(std::iter::once("unidev").chain(argv.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        match Cli::from_arg_matches(&matches)
+            .map_err(|e| e.to_string())?
+            .command
+        {
+            Some(Command::Serve(args)) => Ok(args),
+            _ => Err("not serve".into()),
+        }
+    }
+
+    #[test]
+    fn daemon_options_are_accepted_before_or_after_the_device() {
+        for argv in [
+            &[
+                "serve",
+                "--transport",
+                "vhost-user",
+                "--socket-path",
+                "/s",
+                "virtio-blk",
+                "--file",
+                "/f",
+            ][..],
+            &[
+                "serve",
+                "virtio-blk",
+                "--file",
+                "/f",
+                "--transport",
+                "vhost-user",
+                "--socket-path",
+                "/s",
+            ],
+            &[
+                "serve",
+                "--transport",
+                "vhost-user",
+                "virtio-blk",
+                "--socket-path",
+                "/s",
+                "--file",
+                "/f",
+            ],
+        ] {
+            let args = serve_args(argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+            assert_eq!(args.transport.as_deref(), Some("vhost-user"), "{argv:?}");
+            assert_eq!(args.socket_path, Some(PathBuf::from("/s")), "{argv:?}");
+            assert_eq!(args.device.0.kind(), "virtio-blk", "{argv:?}");
+        }
+        let args = serve_args(&[
+            "serve",
+            "--transport",
+            "vduse",
+            "--name",
+            "d0",
+            "virtio-blk",
+            "--file",
+            "/f",
+            "--attach",
+            "virtio-vdpa",
+            "--seccomp",
+            "kill",
+        ])
+        .unwrap();
+        assert_eq!(args.name.as_deref(), Some("d0"));
+        assert_eq!(args.attach, Some(AttachArg::VirtioVdpa));
+        assert_eq!(args.seccomp, SeccompArg::Kill);
+    }
+
+    #[test]
+    fn the_transports_come_from_the_transports_list() {
+        let e = serve_args(&["serve", "--transport", "carrier-pigeon", "gpio"])
+            .err()
+            .expect("refused");
+        for t in TRANSPORTS {
+            assert!(e.contains(t.name()), "{e}");
         }
     }
 }

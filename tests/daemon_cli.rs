@@ -319,3 +319,165 @@ fn socket_group_and_allowed_uids_in_a_devices_file() {
         "{err}"
     );
 }
+
+/// The daemon's options go before or after the device name, as a user types them; each
+/// order serves the same device.
+#[test]
+fn daemon_options_before_or_after_the_device_name() {
+    use vhost::vhost_user::Frontend;
+    use vhost::VhostBackend;
+
+    let dir = test_dir("order");
+    let image = dir.join("disk.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let img = image.to_str().unwrap();
+    let sock = dir.join("blk.sock");
+    let s = sock.to_str().unwrap();
+    for (n, args) in [
+        vec![
+            "serve",
+            "--transport",
+            "vhost-user",
+            "--socket-path",
+            s,
+            "virtio-blk",
+            "--file",
+            img,
+        ],
+        vec![
+            "serve",
+            "virtio-blk",
+            "--file",
+            img,
+            "--transport",
+            "vhost-user",
+            "--socket-path",
+            s,
+        ],
+        vec![
+            "serve",
+            "--transport",
+            "vhost-user",
+            "virtio-blk",
+            "--socket-path",
+            s,
+            "--file",
+            img,
+            "--socket-mode",
+            "0640",
+        ],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut d = Daemon::serve(&dir, &format!("order{n}"), &sock, &args);
+        let frontend = Frontend::connect(&sock, 1).unwrap();
+        frontend.set_owner().unwrap();
+        let features = frontend.get_features().unwrap();
+        assert_ne!(
+            features & (1 << 32),
+            0,
+            "{args:?}: VIRTIO_F_VERSION_1 offered"
+        );
+        drop(frontend);
+        if n == 2 {
+            let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o640, "a daemon option after the device's options");
+        }
+        d.signal(libc::SIGTERM);
+        assert!(d.wait(10).success(), "{args:?}: {}", d.log_text());
+        assert!(!sock.exists());
+    }
+    // VDUSE options after the device's: parsed (the missing kernel device is what fails,
+    // not the command line).
+    for args in [
+        vec![
+            "serve",
+            "--transport",
+            "vduse",
+            "--name",
+            "d0",
+            "virtio-blk",
+            "--file",
+            img,
+            "--attach",
+            "virtio-vdpa",
+            "--vduse-control",
+            "/nonexistent/vduse/control",
+        ],
+        vec![
+            "serve",
+            "virtio-blk",
+            "--file",
+            img,
+            "--vduse-control",
+            "/nonexistent/vduse/control",
+            "--transport",
+            "vduse",
+            "--name",
+            "d0",
+            "--attach",
+            "virtio-vdpa",
+        ],
+    ] {
+        let out = Command::new(unidev_bin()).args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            err.contains("/nonexistent/vduse/control") && err.contains("modprobe vduse"),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+/// Every device kind of the registry is a `type` of a devices file, with its options
+/// under the command line's names: a vhost-user-proxy in a devices file is refused over
+/// vhost-user and asks for its backend over vfio-user.
+#[test]
+fn every_device_kind_is_a_devices_file_type() {
+    let dir = test_dir("proxy-file");
+    let config = dir.join("devices.toml");
+    let backend = dir.join("nobody.sock");
+    std::fs::write(
+        &config,
+        format!(
+            "[[device]]\nname = \"p\"\ntype = \"vhost-user-proxy\"\ntransport = \"vhost-user\"\n\
+             socket = \"{}\"\nbackend_socket = \"{}\"\nvirtio_id = 4\nqueues = 300\n",
+            dir.join("p.sock").display(),
+            backend.display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(unidev_bin())
+        .args(["run", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    for needle in [
+        "devices.toml:1: device \"p\": queues 300:",
+        "devices.toml:1: device \"p\": vhost-user-proxy puts a vhost-user backend behind vfio-user",
+    ] {
+        assert!(err.contains(needle), "missing {needle:?} in:\n{err}");
+    }
+    // Over vfio-user the file is valid: the proxy then needs its backend.
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("vhost-user\"\nsocket", "vfio-user\"\nsocket")
+        .replace("queues = 300", "queues = 1");
+    std::fs::write(&config, text).unwrap();
+    let out = Command::new(unidev_bin())
+        .args(["run", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("vhost-user-proxy: cannot use the backend at")
+            && err.contains("nothing started"),
+        "{err}"
+    );
+}

@@ -8,6 +8,7 @@
 //!   the virtio-pci function that exports it to PCI transports.
 //! * [`sandbox`] — optional seccomp filters for the threads that handle guest data.
 //! * [`limits`] — kernel limits (open files, memory maps) and privileges, named in errors.
+//! * [`sync`] — the poison-tolerant lock every shared structure is taken with.
 //!
 //! The core knows no wire protocol: transports translate their messages into calls on
 //! these types, and backends implement devices against them without knowing which
@@ -44,6 +45,7 @@ pub mod limits;
 pub mod memory;
 pub mod pci;
 pub mod sandbox;
+pub mod sync;
 pub mod virtio;
 
 mod truncation_guard;

@@ -5,19 +5,24 @@
 //! [`vhost_user_backend::VhostUserBackend`] for a virtio device — and
 //! [`Export`] puts it on the wire:
 //!
-//! | device | [`Transport::VfioUser`] | [`Transport::VhostUser`] | [`Transport::Vduse`] |
+//! | device | [`VfioUser`] | [`VhostUser`] | [`Vduse`] |
 //! |---|---|---|---|
 //! | [`Export::pci`] (a [`PciDevice`]) | as is | — | — |
 //! | [`Export::virtio`] (a `VhostUserBackend`) | as virtio-pci ([`VirtioPci`]) | yes | yes (virtio-blk, virtio-net) |
 //! | [`Export::virtio_device`] (a [`VirtioDevice`]) | as virtio-pci | yes | yes (virtio-blk, virtio-net) |
 //!
-//! [`Export::serve`] checks that the device fits the transport, builds what sits between
-//! them (the device's [`DmaSpace`], the [`LocalVirtio`] queue runner, the [`VirtioPci`]
-//! function), binds the socket (or creates the VDUSE device) and returns an [`Exported`]
-//! device, which serves when [`run`](Exported::run) (on the calling thread) or
-//! [`spawn`](Exported::spawn) (on a thread of its own) is called. [`ExportOptions`] holds
-//! everything else, with defaults that suit QEMU: socket mode and group, the uids
-//! allowed to connect, the cap on DMA maps, vfio-user limits, adaptive polling.
+//! The table is checked by types: [`Export::pci`] gives an `Export<Pci>`, whose
+//! [`serve`](Export::serve) takes only a [`PciTransport`] (vfio-user); [`Export::virtio`]
+//! gives an `Export<Virtio>`, served by any [`VirtioTransport`] — one of the three address
+//! types, or a `Box<dyn VirtioTransport>` chosen at run time. `serve` checks what only
+//! run time knows (the virtio device type against VDUSE, options against the transport),
+//! builds what sits between device and transport (the device's [`DmaSpace`], the
+//! [`LocalVirtio`] queue runner, the [`VirtioPci`] function), binds the socket (or creates
+//! the VDUSE device) and returns an [`Exported`] device, which serves when
+//! [`run`](Exported::run) (on the calling thread) or [`spawn`](Exported::spawn) (on a
+//! thread of its own) is called. [`ExportOptions`] holds everything else, with defaults
+//! that suit QEMU: socket mode and group, the uids allowed to connect, the cap on DMA
+//! maps, vfio-user limits, adaptive polling.
 //!
 //! The `unidev` daemon itself serves every device through this module.
 //!
@@ -25,12 +30,12 @@
 //!
 //! A backend written against `VhostUserBackend` (here one that serves nothing), exported
 //! by one call and checked with the `vhost` crate's frontend. The same `Export` serves it
-//! over vfio-user (as a virtio-pci function) or VDUSE by changing the [`Transport`].
+//! over vfio-user (as a virtio-pci function) or VDUSE by changing the transport.
 //!
 //! ```
 //! use std::io;
 //! use std::sync::Arc;
-//! use unidev_transports::export::{Export, ExportOptions, Transport};
+//! use unidev_transports::export::{Export, ExportOptions, VhostUser};
 //! use vhost::vhost_user::message::VhostUserProtocolFeatures;
 //! use vhost::vhost_user::{Frontend, VhostUserFrontend};
 //! use vhost::VhostBackend;
@@ -67,7 +72,7 @@
 //!
 //! // Virtio device type 4 (entropy); `Arc` makes the backend `Clone`.
 //! let running = Export::virtio("idle", 4, Arc::new(Idle))
-//!     .serve(Transport::vhost_user(&sock), &ExportOptions::default())?
+//!     .serve(VhostUser::new(&sock), &ExportOptions::default())?
 //!     .spawn()?;
 //!
 //! let mut frontend = Frontend::connect(&sock, 1)?;
@@ -82,6 +87,20 @@
 //! # }
 //! ```
 //!
+//! A transport picked at run time is a `Box<dyn VirtioTransport>`:
+//!
+//! ```
+//! use unidev_transports::export::{VfioUser, VhostUser, VirtioTransport};
+//!
+//! fn transport(kind: &str, socket: &str) -> Box<dyn VirtioTransport> {
+//!     match kind {
+//!         "vhost-user" => Box::new(VhostUser::new(socket)),
+//!         _ => Box::new(VfioUser::new(socket)),
+//!     }
+//! }
+//! assert_eq!(transport("vhost-user", "/run/d.sock").name(), "vhost-user");
+//! ```
+//!
 //! # Stability
 //! This module is part of unidev's stable device-author API (see
 //! `docs/api-stability.md`): options and errors are `#[non_exhaustive]`, so adding one is
@@ -94,173 +113,29 @@
 //! [`DmaSpace`]: unidev_core::memory::DmaSpace
 
 use std::io;
-use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use log::{error, info, warn};
-use unidev_core::dispatch::{EventLoop, StopHandle};
+use unidev_core::dispatch::StopHandle;
 use unidev_core::memory::{DmaSpace, DEFAULT_MAX_MAPS};
 use unidev_core::pci::{PciDevice, SharedPciDevice};
-use unidev_core::sandbox::{self, SandboxedThread};
-use unidev_core::virtio::{
-    DispatchOptions, LocalVirtio, VirtioDevice, VirtioPci, VirtioPciOptions,
-};
+use unidev_core::virtio::{DispatchOptions, LocalVirtio, VirtioDevice};
 use vhost_user_backend::{VhostUserBackend, VringRwLock};
 
-use crate::listener::{self, ListenError, PeerPolicy};
-use crate::vduse::{
-    adopt_attachment, attach, device_exists, Attachment, NetlinkVdpa, VdpaBus, VdpaDriver,
-    VdpaError, VdpaManager, VduseError, VduseOptions, VduseServer, DEFAULT_CONTROL_PATH,
-};
-use crate::vfio_user::{ServerConfig, VfioUserServer};
-use crate::vhost_user::VhostUserServer;
+use crate::listener::{ListenError, PeerPolicy};
+use crate::transport::{Bound, BoundSocket, Server};
+use crate::vduse::{VdpaError, VduseError};
+use crate::vfio_user::ServerConfig;
 
-/// Where a socket transport listens.
-#[derive(Debug)]
-#[non_exhaustive]
-pub enum Socket {
-    /// Bind a new socket here, with [`ExportOptions::socket_mode`] and
-    /// [`ExportOptions::socket_group`]. An old socket at the path is replaced; any other
-    /// kind of file is refused. The socket is removed again when serving ends.
-    Path(PathBuf),
-    /// Serve an already-listening socket (socket activation; see
-    /// [`crate::listener::from_fd`]). Mode and group are the creator's.
-    Listener(UnixListener),
-}
+pub use crate::transport::{PciTransport, Socket, VirtioTransport};
+pub use crate::vduse::Vduse;
+pub use crate::vfio_user::VfioUser;
+pub use crate::vhost_user::VhostUser;
 
-impl From<PathBuf> for Socket {
-    fn from(path: PathBuf) -> Self {
-        Socket::Path(path)
-    }
-}
-
-impl From<&Path> for Socket {
-    fn from(path: &Path) -> Self {
-        Socket::Path(path.to_path_buf())
-    }
-}
-
-impl From<&PathBuf> for Socket {
-    fn from(path: &PathBuf) -> Self {
-        Socket::Path(path.clone())
-    }
-}
-
-impl From<&str> for Socket {
-    fn from(path: &str) -> Self {
-        Socket::Path(PathBuf::from(path))
-    }
-}
-
-impl From<String> for Socket {
-    fn from(path: String) -> Self {
-        Socket::Path(PathBuf::from(path))
-    }
-}
-
-impl From<UnixListener> for Socket {
-    fn from(listener: UnixListener) -> Self {
-        Socket::Listener(listener)
-    }
-}
-
-/// A VDUSE device to create: `/dev/vduse/NAME` in the host kernel.
-#[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct VduseTarget {
-    /// Device name: `/dev/vduse/NAME`, and the vDPA device's name.
-    pub name: String,
-    /// Add the device to the vDPA bus bound to this driver while it is served (as
-    /// `vdpa dev add` does), and remove it again when serving ends. `None`: attaching is
-    /// left to the user.
-    pub attach: Option<VdpaDriver>,
-    /// The VDUSE control device.
-    pub control_path: PathBuf,
-    /// The directory VDUSE device nodes appear in.
-    pub dev_dir: PathBuf,
-}
-
-impl VduseTarget {
-    /// Device `name` at the kernel's usual paths, not attached.
-    pub fn new(name: impl Into<String>) -> Self {
-        VduseTarget {
-            name: name.into(),
-            attach: None,
-            control_path: PathBuf::from(DEFAULT_CONTROL_PATH),
-            dev_dir: PathBuf::from("/dev/vduse"),
-        }
-    }
-
-    /// Attach the device to the vDPA bus with `driver` while it is served.
-    pub fn attach(mut self, driver: VdpaDriver) -> Self {
-        self.attach = Some(driver);
-        self
-    }
-
-    /// Use another control device (tests).
-    pub fn control_path(mut self, path: impl Into<PathBuf>) -> Self {
-        self.control_path = path.into();
-        self
-    }
-}
-
-/// The transport a device is exported over, and where.
-///
-/// ```
-/// use unidev_transports::export::{Transport, VduseTarget};
-/// use unidev_transports::vduse::VdpaDriver;
-///
-/// let pci = Transport::vfio_user("/run/unidev/card.sock");
-/// let blk = Transport::vhost_user(std::path::PathBuf::from("/run/unidev/disk.sock"));
-/// // A kernel block device /dev/vdX (root and the vduse module needed).
-/// let kernel = Transport::Vduse(VduseTarget::new("disk0").attach(VdpaDriver::VirtioVdpa));
-/// assert_eq!(
-///     [pci.name(), blk.name(), kernel.name()],
-///     ["vfio-user", "vhost-user", "vduse"]
-/// );
-/// ```
-#[derive(Debug)]
-#[non_exhaustive]
-pub enum Transport {
-    /// vfio-user (QEMU's `vfio-user-pci`): PCI devices as they are, virtio devices as
-    /// virtio-pci functions.
-    VfioUser(Socket),
-    /// vhost-user (QEMU's `vhost-user-*` devices): virtio devices.
-    VhostUser(Socket),
-    /// VDUSE (a vDPA device in userspace, for the host kernel's virtio drivers or, through
-    /// `vhost_vdpa`, a VMM): virtio devices of the types the kernel accepts (Linux 6.12:
-    /// virtio-blk and virtio-net). Needs root and the `vduse` module.
-    Vduse(VduseTarget),
-}
-
-impl Transport {
-    /// vfio-user on `socket` (a path, or a listening [`UnixListener`]).
-    pub fn vfio_user(socket: impl Into<Socket>) -> Self {
-        Transport::VfioUser(socket.into())
-    }
-
-    /// vhost-user on `socket` (a path, or a listening [`UnixListener`]).
-    pub fn vhost_user(socket: impl Into<Socket>) -> Self {
-        Transport::VhostUser(socket.into())
-    }
-
-    /// VDUSE device `name`, not attached to the vDPA bus (see [`VduseTarget`] for more).
-    pub fn vduse(name: impl Into<String>) -> Self {
-        Transport::Vduse(VduseTarget::new(name))
-    }
-
-    /// The transport's name: "vfio-user", "vhost-user" or "vduse".
-    pub fn name(&self) -> &'static str {
-        match self {
-            Transport::VfioUser(_) => "vfio-user",
-            Transport::VhostUser(_) => "vhost-user",
-            Transport::Vduse(_) => "vduse",
-        }
-    }
-}
+/// The VDUSE address under its 0.1 name.
+pub type VduseTarget = Vduse;
 
 /// How a device is exported. `ExportOptions::default()` suits QEMU; change fields
 /// directly or with the chaining setters:
@@ -299,9 +174,10 @@ pub struct ExportOptions {
     /// Adaptive polling of a virtio backend's queues: after handling a queue, a worker
     /// keeps polling it this long before sleeping (0, the default: sleep at once).
     pub poll: Duration,
-    /// vfio-user only: make the virtio-pci notify area mappable by the client (its
-    /// notifications then go to shared memory) and poll the queues continuously (one busy
-    /// core per worker thread). Default off.
+    /// Transports that carry virtio devices as virtio-pci functions (vfio-user) only:
+    /// make the notify area mappable by the client (its notifications then go to shared
+    /// memory) and poll the queues continuously (one busy core per worker thread).
+    /// Default off.
     pub notify_mmap: bool,
 }
 
@@ -362,7 +238,7 @@ impl ExportOptions {
         self
     }
 
-    fn peers(&self) -> PeerPolicy {
+    pub(crate) fn peers(&self) -> PeerPolicy {
         PeerPolicy {
             allowed_uids: self.allowed_uids.clone(),
         }
@@ -426,42 +302,52 @@ pub enum ExportError {
 type StartBackend =
     Box<dyn FnOnce(&Arc<DmaSpace>, DispatchOptions) -> io::Result<Arc<dyn VirtioDevice>> + Send>;
 
-enum Device {
-    Pci(SharedPciDevice),
+/// The device of an [`Export`] of a full PCI function ([`Export::pci`]).
+pub struct Pci(SharedPciDevice);
+
+/// The device of an [`Export`] of a virtio device ([`Export::virtio`],
+/// [`Export::virtio_device`]).
+pub struct Virtio(VirtioSource);
+
+enum VirtioSource {
     Backend {
+        device_type: u32,
         start: StartBackend,
     },
-    Virtio {
+    Device {
         device: Arc<dyn VirtioDevice>,
         dma: Arc<DmaSpace>,
     },
 }
 
-/// A device to export: what it is, before the transport is chosen. See the
+/// A device to export: what it is, before the transport is chosen — a full PCI function
+/// (`Export<Pci>`) or a virtio device (`Export<Virtio>`). See the
 /// [module documentation](self).
-pub struct Export {
+pub struct Export<C = Virtio> {
     name: String,
-    device: Device,
+    device: C,
 }
 
-impl std::fmt::Debug for Export {
+impl<C> std::fmt::Debug for Export<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let kind = match self.device {
-            Device::Pci(_) => "pci",
-            Device::Backend { .. } => "virtio backend",
-            Device::Virtio { .. } => "virtio device",
-        };
         f.debug_struct("Export")
             .field("name", &self.name)
-            .field("kind", &kind)
+            .field("kind", &std::any::type_name::<C>())
             .finish()
     }
 }
 
-impl Export {
-    /// A full PCI function (vfio-user only). `name` names the device in log lines. The
-    /// device reaches client memory through the [`DmaSpace`] it returns from
-    /// [`PciDevice::dma`], which the transport fills with the client's maps.
+impl<C> Export<C> {
+    /// The device's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Export<Pci> {
+    /// A full PCI function. `name` names the device in log lines. The device reaches
+    /// client memory through the [`DmaSpace`] it returns from [`PciDevice::dma`], which
+    /// the transport fills with the client's maps.
     pub fn pci<D: PciDevice + 'static>(name: impl Into<String>, device: D) -> Self {
         Self::pci_shared(name, Arc::new(Mutex::new(device)))
     }
@@ -471,10 +357,25 @@ impl Export {
     pub fn pci_shared(name: impl Into<String>, device: SharedPciDevice) -> Self {
         Export {
             name: name.into(),
-            device: Device::Pci(device),
+            device: Pci(device),
         }
     }
 
+    /// Put the device behind `transport` (one that carries PCI functions: [`VfioUser`]),
+    /// then bind the socket. Nothing is served until [`Exported::run`] or
+    /// [`Exported::spawn`]; a client that connects meanwhile waits in the listen backlog.
+    pub fn serve<T: PciTransport + 'static>(
+        self,
+        transport: T,
+        options: &ExportOptions,
+    ) -> Result<Exported, ExportError> {
+        let name = self.name;
+        let bound = Box::new(transport).bind_pci(&name, self.device.0, options)?;
+        Ok(Exported::new(name, bound))
+    }
+}
+
+impl Export<Virtio> {
     /// A virtio device of type `device_type` (virtio 1.2 section 5: 1 net, 2 block,
     /// 3 console, 4 entropy, ...) whose queues `backend` serves, exactly as rust-vmm's
     /// `VhostUserDaemon` would run it: on every transport the backend gets the same calls
@@ -492,7 +393,7 @@ impl Export {
         });
         Export {
             name: name.into(),
-            device: Device::Backend { start },
+            device: Virtio(VirtioSource::Backend { device_type, start }),
         }
     }
 
@@ -506,287 +407,64 @@ impl Export {
     ) -> Self {
         Export {
             name: name.into(),
-            device: Device::Virtio { device, dma },
+            device: Virtio(VirtioSource::Device { device, dma }),
         }
     }
 
-    /// The device's name.
-    pub fn name(&self) -> &str {
-        &self.name
+    /// The virtio device type.
+    pub fn device_type(&self) -> u32 {
+        match &self.device.0 {
+            VirtioSource::Backend { device_type, .. } => *device_type,
+            VirtioSource::Device { device, .. } => device.device_type(),
+        }
     }
 
-    /// Put the device behind `transport`: check that they fit, set up the device, then
-    /// bind the socket (or create the VDUSE device). Nothing is served until
-    /// [`Exported::run`] or [`Exported::spawn`]; a client that connects meanwhile waits
-    /// in the listen backlog.
-    pub fn serve(
+    /// Put the device behind `transport` (any [`VirtioTransport`]): check that they fit,
+    /// set up the device, then bind the socket (or create the VDUSE device). Nothing is
+    /// served until [`Exported::run`] or [`Exported::spawn`]; a client that connects
+    /// meanwhile waits in the listen backlog.
+    pub fn serve<T: VirtioTransport + 'static>(
         self,
-        transport: Transport,
+        transport: T,
         options: &ExportOptions,
     ) -> Result<Exported, ExportError> {
+        let unsupported = |name: String, why: String| ExportError::Unsupported { name, why };
         let name = self.name;
-        let unsupported = |why: &str| ExportError::Unsupported {
-            name: name.clone(),
-            why: why.to_string(),
-        };
-        let vfio_user = matches!(transport, Transport::VfioUser(_));
-        if matches!(self.device, Device::Pci(_)) && !vfio_user {
+        if options.notify_mmap && !transport.carries_virtio_pci() {
             return Err(unsupported(
-                "a full PCI device needs the vfio-user transport (vhost-user and VDUSE \
-                 carry virtio devices only)",
+                name,
+                format!(
+                    "notify_mmap (a mappable notify area) applies to the vfio-user \
+                     transport only, not {}",
+                    transport.name()
+                ),
             ));
         }
-        if options.notify_mmap && !vfio_user {
-            return Err(unsupported(
-                "notify_mmap (a mappable notify area) applies to the vfio-user transport only",
-            ));
+        let device_type = match &self.device.0 {
+            VirtioSource::Backend { device_type, .. } => *device_type,
+            VirtioSource::Device { device, .. } => device.device_type(),
+        };
+        if let Err(why) = transport.check_virtio_type(device_type) {
+            return Err(unsupported(name, why));
         }
-        let device_err = |source| ExportError::Device {
-            name: name.clone(),
-            source,
-        };
-        let server_err = |source| ExportError::Server {
-            name: name.clone(),
-            source,
-        };
-        let virtio = match self.device {
-            Device::Pci(pci) => Err(pci),
-            Device::Backend { start } => {
+        let (device, dma) = match self.device.0 {
+            VirtioSource::Backend { start, .. } => {
                 let dma = Arc::new(DmaSpace::new(options.max_dma_maps));
                 let dispatch = DispatchOptions {
                     poll: options.poll,
                     busy: options.notify_mmap,
                 };
-                Ok((start(&dma, dispatch).map_err(device_err)?, dma))
-            }
-            Device::Virtio { device, dma } => Ok((device, dma)),
-        };
-        let (inner, socket) = match transport {
-            Transport::VfioUser(socket) => {
-                let pci: SharedPciDevice = match virtio {
-                    Err(pci) => pci,
-                    Ok((device, dma)) => {
-                        let options = VirtioPciOptions {
-                            notify_mmap: options.notify_mmap,
-                        };
-                        let pci = VirtioPci::new(name.clone(), device, dma, options)
-                            .map_err(device_err)?;
-                        Arc::new(Mutex::new(pci))
-                    }
-                };
-                let (listener, guard) = listen(socket, options)?;
-                let server =
-                    VfioUserServer::new(name.clone(), listener, pci, options.vfio_user.clone())
-                        .map_err(server_err)?
-                        .with_peer_policy(options.peers());
-                (Inner::VfioUser(server), guard)
-            }
-            Transport::VhostUser(socket) => {
-                let Ok((device, dma)) = virtio else {
-                    unreachable!("PCI devices were refused above");
-                };
-                let (listener, guard) = listen(socket, options)?;
-                let server = VhostUserServer::new(name.clone(), listener, device, dma)
-                    .map_err(server_err)?
-                    .with_peer_policy(options.peers());
-                (Inner::VhostUser(server), guard)
-            }
-            Transport::Vduse(target) => {
-                let Ok((device, dma)) = virtio else {
-                    unreachable!("PCI devices were refused above");
-                };
-                let server = create_vduse(&target, device, dma)?;
-                let shutdown = EventLoop::new().map_err(server_err)?;
-                (
-                    Inner::Vduse(VduseExport {
-                        server,
-                        attach: target.attach,
-                        shutdown,
-                    }),
-                    None,
-                )
-            }
-        };
-        Ok(Exported {
-            name,
-            inner,
-            socket,
-            on_exit: None,
-        })
-    }
-}
-
-/// A socket path bound by an export, removed when serving ends (or when the export is
-/// dropped without serving).
-#[derive(Debug)]
-struct BoundPath(PathBuf);
-
-impl Drop for BoundPath {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-fn listen(
-    socket: Socket,
-    options: &ExportOptions,
-) -> Result<(UnixListener, Option<BoundPath>), ExportError> {
-    Ok(match socket {
-        Socket::Path(path) => {
-            let l = listener::bind_with(&path, options.socket_mode, options.socket_group)?;
-            (l, Some(BoundPath(path)))
-        }
-        Socket::Listener(l) => (l, None),
-    })
-}
-
-/// Create VDUSE device `target.name` for `device` — or take over the one of that name a
-/// killed daemon left (see [`VduseServer::create`]); a left-over device the kernel marked
-/// broken is removed from the vDPA bus first.
-fn create_vduse(
-    target: &VduseTarget,
-    device: Arc<dyn VirtioDevice>,
-    dma: Arc<DmaSpace>,
-) -> Result<VduseServer, ExportError> {
-    let name = &target.name;
-    let mut options = VduseOptions::new(name);
-    options.control_path = target.control_path.clone();
-    options.dev_dir = target.dev_dir.clone();
-    match VduseServer::create(&options, device.clone(), dma.clone()) {
-        Err(VduseError::Broken { .. }) => {
-            warn!(
-                "VDUSE device {name} is left over and broken: removing it from the vDPA bus \
-                 (this waits for I/O in flight on it, which cannot complete)"
-            );
-            NetlinkVdpa::open()
-                .and_then(|mut nl| nl.dev_del(name))
-                .map_err(|source| ExportError::Vdpa {
-                    what: format!("cannot remove the broken VDUSE device {name}"),
+                let device = start(&dma, dispatch).map_err(|source| ExportError::Device {
+                    name: name.clone(),
                     source,
                 })?;
-            Ok(VduseServer::create(&options, device, dma)?)
-        }
-        other => Ok(other?),
-    }
-}
-
-/// A created VDUSE device, not yet served.
-struct VduseExport {
-    server: VduseServer,
-    attach: Option<VdpaDriver>,
-    /// Woken by the stop handle, or by the serving thread when it ends on its own.
-    shutdown: EventLoop,
-}
-
-/// A VDUSE device being served on its thread.
-struct VduseRunning {
-    name: String,
-    stop: StopHandle,
-    thread: Option<SandboxedThread<io::Result<()>>>,
-    attachment: Option<Attachment<NetlinkVdpa>>,
-}
-
-impl VduseExport {
-    /// Serve the device on a new thread (under the process's seccomp policy, with the
-    /// ioctls the server issues), then attach it as asked; returns the loop to wait on.
-    fn start(self) -> Result<(VduseRunning, EventLoop), ExportError> {
-        let VduseExport {
-            server,
-            attach: driver,
-            shutdown,
-        } = self;
-        let name = server.name().to_string();
-        let took_over = server.took_over();
-        let stop = server.stop_handle();
-        let wake = shutdown.stop_handle();
-        let role = sandbox::Role::KernelTransport {
-            ioctls: VduseServer::run_ioctls(),
-        };
-        let thread = sandbox::spawn(format!("vduse-{name}"), role, move || {
-            let result = server.run();
-            wake.stop();
-            result
-        })
-        .map_err(|source| ExportError::Server {
-            name: name.clone(),
-            source,
-        })?;
-        let mut running = VduseRunning {
-            name: name.clone(),
-            stop,
-            thread: Some(thread),
-            attachment: None,
-        };
-        let bus = VdpaBus::default();
-        match driver {
-            None if took_over => {
-                info!("VDUSE device {name} taken over; it stays attached to the vDPA bus")
+                (device, dma)
             }
-            None => info!(
-                "VDUSE device {name} ready; attach it with `vdpa dev add name {name} mgmtdev vduse`"
-            ),
-            Some(driver) => {
-                let attached = NetlinkVdpa::open().and_then(|nl| {
-                    if took_over && device_exists(&bus, &name) {
-                        adopt_attachment(nl, &bus, &name, driver)
-                    } else {
-                        attach(nl, &bus, &name, driver)
-                    }
-                });
-                match attached {
-                    Ok(a) => running.attachment = Some(a),
-                    Err(source) => {
-                        if let Err(e) = running.shutdown() {
-                            error!("{e}");
-                        }
-                        return Err(ExportError::Vdpa {
-                            what: format!("cannot attach VDUSE device {name}"),
-                            source,
-                        });
-                    }
-                }
-            }
-        }
-        Ok((running, shutdown))
-    }
-}
-
-impl VduseRunning {
-    /// Remove the vDPA device this export attached (while requests are still served: the
-    /// driver resets the device on removal), then stop serving, which destroys the device.
-    fn shutdown(&mut self) -> Result<(), ExportError> {
-        if let Some(a) = self.attachment.take() {
-            if let Err(e) = a.detach() {
-                error!("{e}");
-            }
-        }
-        self.stop.stop();
-        let Some(thread) = self.thread.take() else {
-            return Ok(());
+            VirtioSource::Device { device, dma } => (device, dma),
         };
-        let failed = |source| ExportError::Failed {
-            name: format!("VDUSE device {}", self.name),
-            source,
-        };
-        match thread.join() {
-            Ok(r) => r.map_err(failed),
-            Err(_) => Err(failed(io::Error::other("the server thread panicked"))),
-        }
+        let bound = Box::new(transport).bind_virtio(&name, device, dma, options)?;
+        Ok(Exported::new(name, bound))
     }
-}
-
-impl Drop for VduseRunning {
-    fn drop(&mut self) {
-        if let Err(e) = self.shutdown() {
-            error!("{e}");
-        }
-    }
-}
-
-enum Inner {
-    VfioUser(VfioUserServer),
-    VhostUser(VhostUserServer),
-    Vduse(VduseExport),
 }
 
 /// A device on its transport, ready to serve: [`run`](Exported::run) it on this thread
@@ -794,8 +472,9 @@ enum Inner {
 /// (or destroys the VDUSE device it created).
 pub struct Exported {
     name: String,
-    inner: Inner,
-    socket: Option<BoundPath>,
+    transport: &'static str,
+    server: Box<dyn Server>,
+    socket: Option<BoundSocket>,
     on_exit: Option<OnExit>,
 }
 
@@ -803,15 +482,23 @@ impl std::fmt::Debug for Exported {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Exported")
             .field("name", &self.name)
-            .field("transport", &self.transport_name())
+            .field("transport", &self.transport)
             .field("socket", &self.socket_path())
             .finish()
     }
 }
 
-type Body = Box<dyn FnOnce() -> Result<(), ExportError> + Send>;
-
 impl Exported {
+    fn new(name: String, bound: Bound) -> Self {
+        Exported {
+            name,
+            transport: bound.transport,
+            server: bound.server,
+            socket: bound.socket,
+            on_exit: None,
+        }
+    }
+
     /// The device's name.
     pub fn name(&self) -> &str {
         &self.name
@@ -819,27 +506,19 @@ impl Exported {
 
     /// The transport's name: "vfio-user", "vhost-user" or "vduse".
     pub fn transport_name(&self) -> &'static str {
-        match self.inner {
-            Inner::VfioUser(_) => "vfio-user",
-            Inner::VhostUser(_) => "vhost-user",
-            Inner::Vduse(_) => "vduse",
-        }
+        self.transport
     }
 
     /// The socket bound at a path ([`Socket::Path`]), if any.
     pub fn socket_path(&self) -> Option<&Path> {
-        self.socket.as_ref().map(|b| b.0.as_path())
+        self.socket.as_ref().map(BoundSocket::path)
     }
 
     /// A handle that ends serving from any thread (for example a signal handler's): the
     /// attached client's session is closed, a VDUSE device detached from the vDPA bus and
     /// destroyed, and [`run`](Exported::run) returns. Valid before serving starts too.
     pub fn stop_handle(&self) -> StopHandle {
-        match &self.inner {
-            Inner::VfioUser(s) => s.stop_handle(),
-            Inner::VhostUser(s) => s.stop_handle(),
-            Inner::Vduse(v) => v.shutdown.stop_handle(),
-        }
+        self.server.stop_handle()
     }
 
     /// Call `f` once serving has ended, for whatever reason (after the socket is removed).
@@ -848,39 +527,15 @@ impl Exported {
         self
     }
 
-    /// Prepare serving; for VDUSE, start the serving thread and attach the device now, so
-    /// that their errors come from [`spawn`](Exported::spawn).
-    fn prepare(self) -> Result<Prepared, ExportError> {
-        let Exported {
-            name,
-            inner,
-            socket,
-            on_exit,
-        } = self;
-        let body: Body = match inner {
-            Inner::VfioUser(s) => Box::new(move || {
-                s.run()
-                    .map_err(|source| ExportError::Failed { name, source })
-            }),
-            Inner::VhostUser(s) => Box::new(move || {
-                s.run()
-                    .map_err(|source| ExportError::Failed { name, source })
-            }),
-            Inner::Vduse(v) => {
-                let (mut running, mut shutdown) = v.start()?;
-                info!("{name}: VDUSE device serving");
-                Box::new(move || {
-                    if let Err(e) = shutdown.run() {
-                        error!("{name}: shutdown waiter failed: {e}");
-                    }
-                    running.shutdown()
-                })
-            }
-        };
+    /// Prepare serving (VDUSE: start the serving thread and attach the device now, so
+    /// that their errors come from [`spawn`](Exported::spawn)).
+    fn prepare(mut self) -> Result<Prepared, ExportError> {
+        self.server.prepare()?;
         Ok(Prepared {
-            body,
-            socket,
-            on_exit,
+            name: self.name,
+            server: self.server,
+            socket: self.socket,
+            on_exit: self.on_exit,
         })
     }
 
@@ -912,14 +567,19 @@ type OnExit = Box<dyn FnOnce() + Send>;
 
 /// Serving, ready to start on some thread.
 struct Prepared {
-    body: Body,
-    socket: Option<BoundPath>,
+    name: String,
+    server: Box<dyn Server>,
+    socket: Option<BoundSocket>,
     on_exit: Option<OnExit>,
 }
 
 impl Prepared {
     fn run(self) -> Result<(), ExportError> {
-        let result = (self.body)();
+        let name = self.name;
+        let result = self
+            .server
+            .serve()
+            .map_err(|source| ExportError::Failed { name, source });
         drop(self.socket);
         if let Some(f) = self.on_exit {
             f();

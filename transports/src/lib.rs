@@ -1,11 +1,13 @@
 //! unidev-transports: wire protocols that export the core's devices, and the one call
 //! that puts a device on them.
 //!
-//! Each transport is a codec plus a session that translates messages into calls on
-//! `unidev-core` objects; none holds device state: [`vfio_user`], [`vhost_user`] and
-//! [`vduse`]. Device authors need only [`export`]: write a device against the core's PCI
-//! contract ([`PciDevice`]) or against rust-vmm's `VhostUserBackend`, and serve it by one
-//! call.
+//! Each transport is a folder — a codec plus a session that translates messages into
+//! calls on `unidev-core` objects, a server, and an address type implementing the serve
+//! traits of [`transport`] — and holds no device state: [`vfio_user`], [`vhost_user`]
+//! and [`vduse`], listed once in [`transport::TRANSPORTS`]. Device authors need only
+//! [`export`]: write a device against the core's PCI contract ([`PciDevice`]) or against
+//! rust-vmm's `VhostUserBackend`, and serve it by one call on an address ([`VfioUser`],
+//! [`VhostUser`], [`Vduse`]).
 //!
 //! # The shortest path to a working device
 //!
@@ -17,7 +19,7 @@
 //! use unidev_core::irq::{Interrupts, IrqLayout};
 //! use unidev_core::memory::DmaSpace;
 //! use unidev_core::pci::{AccessError, Bar, ConfigSpace, PciDevice, PciRegion, RegionInfo};
-//! use unidev_transports::export::{Export, ExportOptions, Transport};
+//! use unidev_transports::export::{Export, ExportOptions, VfioUser};
 //! use unidev_transports::vfio_user::VfioUserClient;
 //!
 //! struct Scratch {
@@ -77,7 +79,7 @@
 //! let sock = dir.join("scratch.sock");
 //!
 //! let running = Export::pci("scratch", device)
-//!     .serve(Transport::vfio_user(&sock), &ExportOptions::default())?
+//!     .serve(VfioUser::new(&sock), &ExportOptions::default())?
 //!     .spawn()?;
 //!
 //! // What QEMU's vfio-user-pci does: region 0 is BAR 0, region 7 config space.
@@ -110,11 +112,15 @@
 //! experimental and may change in any 0.y release.
 //!
 //! [`PciDevice`]: unidev_core::pci::PciDevice
+//! [`VfioUser`]: vfio_user::VfioUser
+//! [`VhostUser`]: vhost_user::VhostUser
+//! [`Vduse`]: vduse::Vduse
 #![deny(missing_docs)]
 
 pub mod export;
 pub mod listener;
 mod scm_rights;
+pub mod transport;
 pub mod vduse;
 pub mod vfio_user;
 pub mod vhost_user;

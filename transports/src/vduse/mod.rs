@@ -11,6 +11,9 @@
 //! * [`session`] — the request channel (GET_VQ_STATE, SET_STATUS, UPDATE_IOTLB)
 //!   translated into core calls, with kick and interrupt relays on the dispatch.
 //! * [`server`] — one device's life: create, serve on an [`EventLoop`], destroy.
+//! * [`transport`] — the [`Vduse`] address and the device's life as an export: create
+//!   (or take over), serve on a thread of its own, attach to the vDPA bus, detach and
+//!   destroy.
 //! * [`vdpa_netlink`] — attaching the device to the vDPA bus (`vdpa dev add`) over generic
 //!   netlink, and making sure the requested bus driver binds it.
 //!
@@ -20,7 +23,7 @@
 //! The kernel (6.12) accepts virtio-blk and virtio-net devices only, requires
 //! `VIRTIO_F_ACCESS_PLATFORM`, and exposes the config space read-only.
 //!
-//! Stability: device authors use [`crate::export`] (`Transport::Vduse`), which names
+//! Stability: device authors use [`crate::export`] with the [`Vduse`] address, which names
 //! [`VdpaDriver`], [`VduseError`], [`VdpaError`] and [`DEFAULT_CONTROL_PATH`] from here
 //! (stable). The VDUSE internals — [`uapi`], [`control`], [`iotlb`], [`session`],
 //! [`server`], [`vdpa_netlink`] beyond those names — are **experimental** and may change
@@ -34,6 +37,7 @@ pub mod control;
 pub mod iotlb;
 pub mod server;
 pub mod session;
+pub mod transport;
 pub mod uapi;
 pub mod vdpa_netlink;
 
@@ -42,6 +46,7 @@ mod session_tests;
 
 pub use control::{VduseError, DEFAULT_CONTROL_PATH};
 pub use server::{VduseOptions, VduseServer};
+pub use transport::{Vduse, TRANSPORT};
 pub use vdpa_netlink::{
     adopt_attachment, attach, device_exists, Attachment, NetlinkVdpa, VdpaBus, VdpaDriver,
     VdpaError, VdpaManager,

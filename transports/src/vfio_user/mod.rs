@@ -6,6 +6,7 @@
 //! * [`socket`] — framing, fds, limits.
 //! * [`session`] — one connection: commands translated into core calls.
 //! * [`server`] — the listening socket and the event loop, one client at a time.
+//! * [`transport`] — the [`VfioUser`] address: vfio-user as a unidev transport.
 //! * [`client`] — the other end, as a library (tests, benchmarks, tools).
 //! * [`virtio_driver`] — a virtio-pci driver on top of the client.
 //!
@@ -26,9 +27,11 @@ pub mod codec;
 pub mod server;
 pub mod session;
 pub mod socket;
+pub mod transport;
 pub mod virtio_driver;
 
 pub use client::VfioUserClient;
 pub use codec::DmaRwLayout;
 pub use server::VfioUserServer;
 pub use session::ServerConfig;
+pub use transport::{VfioUser, TRANSPORT};

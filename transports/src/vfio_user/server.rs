@@ -6,17 +6,20 @@
 //! requesters, and INTx unmask eventfds are all watched by one [`EventLoop`] on the
 //! server's thread. A second client that connects while one is attached is refused (its
 //! connection closed with a log line) — the spec allows one client per device.
+//!
+//! `Acceptor` is the listening side (accept, admit, attach), `Connection` one attached
+//! client (its session and its watches).
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixListener;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::{Arc, Mutex};
 
 use log::{error, info, warn};
 use unidev_core::dispatch::{Control, EventLoop, LoopContext, StopHandle, Token};
 use unidev_core::irq::Interrupts;
 use unidev_core::pci::SharedPciDevice;
+use unidev_core::sync::lock;
 
 use super::session::{ServerConfig, Session, SessionState};
 use super::socket::{Limits, MessageSocket};
@@ -30,14 +33,6 @@ pub struct VfioUserServer {
     config: ServerConfig,
     peers: PeerPolicy,
     event_loop: EventLoop,
-}
-
-struct Attached {
-    session: Mutex<Session>,
-    irqs: Arc<Interrupts>,
-    /// The watches of the connection and its inbox.
-    tokens: Mutex<Vec<Token>>,
-    unmask: Mutex<(u64, Vec<Token>)>,
 }
 
 impl VfioUserServer {
@@ -73,178 +68,228 @@ impl VfioUserServer {
 
     /// Serve until stopped. A connected client's session is closed on the way out.
     pub fn run(mut self) -> io::Result<()> {
-        let attached: Arc<Mutex<Option<Arc<Attached>>>> = Arc::new(Mutex::new(None));
-        let busy = Arc::new(AtomicBool::new(false));
-        let (listener, device, config, name, peers) = (
-            self.listener.clone(),
-            self.device.clone(),
-            self.config.clone(),
-            self.name.clone(),
-            self.peers.clone(),
-        );
-        let att = attached.clone();
+        let acceptor = Arc::new(Acceptor {
+            name: self.name.clone(),
+            listener: self.listener.clone(),
+            device: self.device.clone(),
+            config: self.config.clone(),
+            peers: self.peers.clone(),
+            attached: Mutex::new(None),
+        });
+        let on_listener = acceptor.clone();
         self.event_loop.add(
             self.listener.as_raw_fd(),
             epoll::Events::EPOLLIN,
-            move |ctx, _| {
-                let Some(stream) = crate::listener::accept(&listener, &name) else {
-                    return Control::Continue;
-                };
-                if let Err(why) = peers.admit(&stream) {
-                    warn!("{name}: refusing a connection: {why}");
-                    return Control::Continue;
-                }
-                if busy.load(Ordering::SeqCst) {
-                    // The attached client may have just closed; its hang-up can be
-                    // waiting behind this accept in the same epoll batch.
-                    let current = att.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                    let gone = current.as_ref().is_some_and(|a| {
-                        a.session
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .finish_if_gone()
-                    });
-                    if !gone {
-                        warn!("{name}: refusing a second client while one is attached");
-                        return Control::Continue;
-                    }
-                    if let Some(a) = current {
-                        teardown(&a, ctx);
-                    }
-                    *att.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                    busy.store(false, Ordering::SeqCst);
-                }
-                if let Err(e) = stream.set_nonblocking(false) {
-                    warn!("{name}: {e}");
-                    return Control::Continue;
-                }
-                let peer = peer_description(&stream);
-                let session_name = format!("{name}[{peer}]");
-                let limits = Limits {
-                    max_msg_size: config.max_msg_size(),
-                    max_fds: config.max_msg_fds,
-                };
-                let session = match Session::new(
-                    session_name.clone(),
-                    MessageSocket::new(stream, limits),
-                    device.clone(),
-                    config.clone(),
-                ) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        error!(
-                            "{session_name}: cannot start session: {}",
-                            unidev_core::limits::describe(&e)
-                        );
-                        return Control::Continue;
-                    }
-                };
-                info!("{session_name}: client connected");
-                busy.store(true, Ordering::SeqCst);
-                let irqs = device
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .interrupts()
-                    .clone();
-                let (sock_fd, inbox_fd) = (session.socket_fd(), session.inbox_fd());
-                let a = Arc::new(Attached {
-                    session: Mutex::new(session),
-                    irqs,
-                    tokens: Mutex::new(Vec::new()),
-                    unmask: Mutex::new((0, Vec::new())),
-                });
-                *att.lock().unwrap_or_else(|e| e.into_inner()) = Some(a.clone());
-
-                let a_inbox = a.clone();
-                let inbox_token = ctx.add(inbox_fd, epoll::Events::EPOLLIN, move |ctx, _| {
-                    let st = a_inbox
-                        .session
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .drain_inbox();
-                    sync_unmask_watches(&a_inbox, ctx);
-                    if st == SessionState::Closed {
-                        // The socket handler sees the hang-up and tears down.
-                        a_inbox
-                            .session
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .shutdown();
-                    }
-                    Control::Continue
-                });
-
-                let (a_sock, busy2, att2) = (a.clone(), busy.clone(), att.clone());
-                let sock_token = ctx.add(
-                    sock_fd,
-                    epoll::Events::EPOLLIN | epoll::Events::EPOLLRDHUP,
-                    move |ctx, _| {
-                        let st = a_sock
-                            .session
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .serve_one();
-                        if st == SessionState::Open {
-                            sync_unmask_watches(&a_sock, ctx);
-                            return Control::Continue;
-                        }
-                        teardown(&a_sock, ctx);
-                        *att2.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                        busy2.store(false, Ordering::SeqCst);
-                        Control::Continue
-                    },
-                );
-                a.tokens
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .extend([inbox_token, sock_token]);
-                Control::Continue
-            },
+            move |ctx, _| on_listener.accept(ctx),
         )?;
         info!("{}: serving", self.name);
         let result = self.event_loop.run();
-        let left = attached.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(a) = left {
-            a.session.lock().unwrap_or_else(|e| e.into_inner()).close();
+        if let Some(c) = acceptor.take_attached() {
+            lock(&c.session).close();
         }
         info!("{}: stopped", self.name);
         result
     }
 }
 
-fn teardown(a: &Attached, ctx: &mut LoopContext) {
-    for t in a.tokens.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
-        ctx.remove(t);
-    }
-    let mut um = a.unmask.lock().unwrap_or_else(|e| e.into_inner());
-    for t in um.1.drain(..) {
-        ctx.remove(t);
-    }
-    a.session.lock().unwrap_or_else(|e| e.into_inner()).close();
+/// The listening side: accepts a client while none is attached, refuses a second one.
+struct Acceptor {
+    name: String,
+    listener: Arc<UnixListener>,
+    device: SharedPciDevice,
+    config: ServerConfig,
+    peers: PeerPolicy,
+    /// The attached client, if any.
+    attached: Mutex<Option<Arc<Connection>>>,
 }
 
-/// Watch the INTx unmask eventfds the client attached (ACTION_UNMASK with an eventfd),
-/// re-reading them whenever they change.
-fn sync_unmask_watches(a: &Attached, ctx: &mut LoopContext) {
-    let generation = a.irqs.unmask_generation();
-    let mut um = a.unmask.lock().unwrap_or_else(|e| e.into_inner());
-    if um.0 == generation {
-        return;
+impl Acceptor {
+    fn take_attached(&self) -> Option<Arc<Connection>> {
+        lock(&self.attached).take()
     }
-    um.0 = generation;
-    for t in um.1.drain(..) {
-        ctx.remove(t);
+
+    /// The listener is readable: accept, admit and attach a client.
+    fn accept(self: &Arc<Self>, ctx: &mut LoopContext) -> Control {
+        let name = &self.name;
+        let Some(stream) = crate::listener::accept(&self.listener, name) else {
+            return Control::Continue;
+        };
+        if let Err(why) = self.peers.admit(&stream) {
+            warn!("{name}: refusing a connection: {why}");
+            return Control::Continue;
+        }
+        if !self.make_room(ctx) {
+            warn!("{name}: refusing a second client while one is attached");
+            return Control::Continue;
+        }
+        if let Err(e) = stream.set_nonblocking(false) {
+            warn!("{name}: {e}");
+            return Control::Continue;
+        }
+        let Some(connection) = self.open(stream) else {
+            return Control::Continue;
+        };
+        *lock(&self.attached) = Some(connection.clone());
+        connection.watch(ctx, self.clone());
+        Control::Continue
     }
-    for (fd, kind, line) in a.irqs.unmask_fds() {
-        let irqs = a.irqs.clone();
-        let raw = fd.as_raw_fd();
-        let token = ctx.add(raw, epoll::Events::EPOLLIN, move |_, _| {
-            // `fd` (a duplicate) keeps the registration alive while watched.
-            let _ = fd.read();
-            irqs.unmask(kind, line, 1, None).ok();
+
+    /// Whether a new client may attach: nobody is attached, or the attached client has
+    /// just closed (its hang-up can be waiting behind this accept in the same epoll
+    /// batch), in which case it is detached now.
+    fn make_room(&self, ctx: &mut LoopContext) -> bool {
+        let current = lock(&self.attached).clone();
+        let Some(current) = current else {
+            return true;
+        };
+        if !lock(&current.session).finish_if_gone() {
+            return false;
+        }
+        self.detach(&current, ctx);
+        true
+    }
+
+    /// A session for `stream`.
+    fn open(&self, stream: UnixStream) -> Option<Arc<Connection>> {
+        let session_name = format!("{}[{}]", self.name, peer_description(&stream));
+        let limits = Limits {
+            max_msg_size: self.config.max_msg_size(),
+            max_fds: self.config.max_msg_fds,
+        };
+        let session = match Session::new(
+            session_name.clone(),
+            MessageSocket::new(stream, limits),
+            self.device.clone(),
+            self.config.clone(),
+        ) {
+            Ok(s) => s,
+            Err(e) => {
+                error!(
+                    "{session_name}: cannot start session: {}",
+                    unidev_core::limits::describe(&e)
+                );
+                return None;
+            }
+        };
+        info!("{session_name}: client connected");
+        let irqs = lock(&self.device).interrupts().clone();
+        Some(Arc::new(Connection {
+            session: Mutex::new(session),
+            irqs,
+            tokens: Mutex::new(Vec::new()),
+            unmask: Mutex::new(UnmaskWatches::default()),
+        }))
+    }
+
+    /// Tear `connection` down and forget it if it is the attached one.
+    fn detach(&self, connection: &Arc<Connection>, ctx: &mut LoopContext) {
+        connection.teardown(ctx);
+        let mut attached = lock(&self.attached);
+        if attached
+            .as_ref()
+            .is_some_and(|a| Arc::ptr_eq(a, connection))
+        {
+            *attached = None;
+        }
+    }
+}
+
+/// One attached client: its session and the watches of its socket, its inbox (messages
+/// parked while a DMA request waited for its reply) and its INTx unmask eventfds.
+struct Connection {
+    session: Mutex<Session>,
+    irqs: Arc<Interrupts>,
+    /// The watches of the connection and its inbox.
+    tokens: Mutex<Vec<Token>>,
+    unmask: Mutex<UnmaskWatches>,
+}
+
+/// The INTx unmask eventfds being watched, as of the interrupts' unmask generation.
+#[derive(Default)]
+struct UnmaskWatches {
+    generation: u64,
+    tokens: Vec<Token>,
+}
+
+impl Connection {
+    /// Watch the connection's socket and inbox on the loop.
+    fn watch(self: &Arc<Self>, ctx: &mut LoopContext, acceptor: Arc<Acceptor>) {
+        let (sock_fd, inbox_fd) = {
+            let s = lock(&self.session);
+            (s.socket_fd(), s.inbox_fd())
+        };
+        let on_inbox = self.clone();
+        let inbox = ctx.add(inbox_fd, epoll::Events::EPOLLIN, move |ctx, _| {
+            on_inbox.drain_inbox(ctx);
             Control::Continue
         });
-        um.1.push(token);
+        let on_socket = self.clone();
+        let socket = ctx.add(
+            sock_fd,
+            epoll::Events::EPOLLIN | epoll::Events::EPOLLRDHUP,
+            move |ctx, _| {
+                if on_socket.serve_one(ctx) != SessionState::Open {
+                    acceptor.detach(&on_socket, ctx);
+                }
+                Control::Continue
+            },
+        );
+        lock(&self.tokens).extend([inbox, socket]);
+    }
+
+    /// Handle the messages parked in the inbox.
+    fn drain_inbox(&self, ctx: &mut LoopContext) {
+        let state = lock(&self.session).drain_inbox();
+        self.sync_unmask_watches(ctx);
+        if state == SessionState::Closed {
+            // The socket handler sees the hang-up and tears down.
+            lock(&self.session).shutdown();
+        }
+    }
+
+    /// Handle one message from the socket.
+    fn serve_one(&self, ctx: &mut LoopContext) -> SessionState {
+        let state = lock(&self.session).serve_one();
+        if state == SessionState::Open {
+            self.sync_unmask_watches(ctx);
+        }
+        state
+    }
+
+    /// Stop watching everything and close the session.
+    fn teardown(&self, ctx: &mut LoopContext) {
+        for t in lock(&self.tokens).drain(..) {
+            ctx.remove(t);
+        }
+        for t in lock(&self.unmask).tokens.drain(..) {
+            ctx.remove(t);
+        }
+        lock(&self.session).close();
+    }
+
+    /// Watch the INTx unmask eventfds the client attached (ACTION_UNMASK with an
+    /// eventfd), re-reading them whenever they change.
+    fn sync_unmask_watches(&self, ctx: &mut LoopContext) {
+        let generation = self.irqs.unmask_generation();
+        let mut watches = lock(&self.unmask);
+        if watches.generation == generation {
+            return;
+        }
+        watches.generation = generation;
+        for t in watches.tokens.drain(..) {
+            ctx.remove(t);
+        }
+        for (fd, kind, line) in self.irqs.unmask_fds() {
+            let irqs = self.irqs.clone();
+            let raw = fd.as_raw_fd();
+            let token = ctx.add(raw, epoll::Events::EPOLLIN, move |_, _| {
+                // `fd` (a duplicate) keeps the registration alive while watched.
+                let _ = fd.read();
+                irqs.unmask(kind, line, 1, None).ok();
+                Control::Continue
+            });
+            watches.tokens.push(token);
+        }
     }
 }
 

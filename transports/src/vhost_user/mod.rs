@@ -6,6 +6,7 @@
 //! * [`session`] — one connection: requests translated into core calls (the `vhost`
 //!   crate's `BackendReqHandler` does the framing, fds and REPLY_ACK).
 //! * [`server`] — the listening socket on the core's dispatch, one frontend at a time.
+//! * [`transport`] — the [`VhostUser`] address: vhost-user as a unidev transport.
 //!
 //! Guest memory: SET_MEM_TABLE, ADD_MEM_REG and REM_MEM_REG become maps and unmaps of the
 //! device's [`DmaSpace`] by guest physical address; ring addresses, which a frontend gives
@@ -19,7 +20,7 @@
 //!
 //! * [`status`] — SET_STATUS/GET_STATUS, which the `vhost` crate cannot dispatch.
 //!
-//! Stability: device authors use [`crate::export`] (`Transport::VhostUser`); the server,
+//! Stability: device authors use [`crate::export`] with the [`VhostUser`] address; the server,
 //! session and status types here are **experimental** and may change in any 0.y release
 //! (`docs/api-stability.md`).
 //!
@@ -30,5 +31,7 @@
 pub mod server;
 pub mod session;
 pub mod status;
+pub mod transport;
 
 pub use server::VhostUserServer;
+pub use transport::{VhostUser, TRANSPORT};

@@ -5,17 +5,22 @@
 //! waits in the listen backlog and is accepted once the first disconnects (QEMU's
 //! reconnect). On disconnect every queue stops, the device is reset and the memory table
 //! is dropped; the device object itself lives on for the next frontend.
+//!
+//! `Acceptor` is the listening side (accept, admit, hand over to a connection),
+//! `Connection` the attached frontend (its session and the `vhost` crate's request
+//! handler on its socket).
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use log::{info, warn};
-use unidev_core::dispatch::{Control, EventLoop, LoopContext, Readiness, StopHandle};
+use unidev_core::dispatch::{Control, EventLoop, LoopContext, StopHandle};
 use unidev_core::limits;
 use unidev_core::memory::DmaSpace;
+use unidev_core::sync::lock;
 use unidev_core::virtio::VirtioDevice;
 use vhost::vhost_user::{BackendReqHandler, Error as VhostError};
 
@@ -28,11 +33,13 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A vhost-user backend exporting one virtio device.
 pub struct VhostUserServer {
-    shared: Arc<Shared>,
+    acceptor: Arc<Acceptor>,
     event_loop: EventLoop,
 }
 
-struct Shared {
+/// The listening side: accepts one frontend at a time; while one is attached the
+/// listener is not watched and others wait in the backlog.
+struct Acceptor {
     name: String,
     listener: UnixListener,
     device: Arc<dyn VirtioDevice>,
@@ -40,12 +47,6 @@ struct Shared {
     /// The attached frontend's session.
     current: Mutex<Option<Arc<Mutex<Session>>>>,
     peers: PeerPolicy,
-}
-
-impl Shared {
-    fn current(&self) -> std::sync::MutexGuard<'_, Option<Arc<Mutex<Session>>>> {
-        self.current.lock().unwrap_or_else(|e| e.into_inner())
-    }
 }
 
 /// Whether a request error means the connection is gone (or cannot be resynchronized),
@@ -92,7 +93,7 @@ impl VhostUserServer {
         listener.set_nonblocking(true)?;
         crate::listener::reserve_fd();
         Ok(VhostUserServer {
-            shared: Arc::new(Shared {
+            acceptor: Arc::new(Acceptor {
                 name: name.into(),
                 listener,
                 device,
@@ -106,8 +107,8 @@ impl VhostUserServer {
 
     /// Serve only the local users `peers` admits (refused connections are logged).
     pub fn with_peer_policy(mut self, peers: PeerPolicy) -> Self {
-        if let Some(shared) = Arc::get_mut(&mut self.shared) {
-            shared.peers = peers;
+        if let Some(acceptor) = Arc::get_mut(&mut self.acceptor) {
+            acceptor.peers = peers;
         }
         self
     }
@@ -119,44 +120,48 @@ impl VhostUserServer {
 
     /// Serve until stopped. An attached frontend's session is closed on the way out.
     pub fn run(mut self) -> io::Result<()> {
-        let shared = self.shared.clone();
-        self.event_loop.add(
-            shared.listener.as_raw_fd(),
-            epoll::Events::EPOLLIN,
-            listener_handler(shared.clone()),
-        )?;
-        info!("{}: serving", shared.name);
+        let acceptor = self.acceptor.clone();
+        acceptor.listen_on(&mut self.event_loop)?;
+        info!("{}: serving", acceptor.name);
         let result = self.event_loop.run();
-        let left = shared.current().take();
+        let left = lock(&acceptor.current).take();
         if let Some(session) = left {
-            session.lock().unwrap_or_else(|e| e.into_inner()).close();
+            lock(&session).close();
         }
-        info!("{}: stopped", shared.name);
+        info!("{}: stopped", acceptor.name);
         result
     }
 }
 
-/// Close a frontend's session and go back to accepting the next one.
-fn end_session(ctx: &mut LoopContext, shared: &Arc<Shared>, session: &Mutex<Session>) -> Control {
-    session.lock().unwrap_or_else(|e| e.into_inner()).close();
-    *shared.current() = None;
-    ctx.add(
-        shared.listener.as_raw_fd(),
-        epoll::Events::EPOLLIN,
-        listener_handler(shared.clone()),
-    );
-    Control::Remove
-}
+impl Acceptor {
+    fn listen_on(self: &Arc<Self>, event_loop: &mut EventLoop) -> io::Result<()> {
+        let acceptor = self.clone();
+        event_loop.add(
+            self.listener.as_raw_fd(),
+            epoll::Events::EPOLLIN,
+            move |ctx, _| acceptor.accept(ctx),
+        )?;
+        Ok(())
+    }
 
-fn listener_handler(
-    shared: Arc<Shared>,
-) -> impl FnMut(&mut LoopContext, Readiness) -> Control + Send + 'static {
-    move |ctx, _| {
-        let Some(stream) = crate::listener::accept(&shared.listener, &shared.name) else {
+    /// Watch the listener again (the attached frontend has gone).
+    fn listen_again(self: &Arc<Self>, ctx: &mut LoopContext) {
+        let acceptor = self.clone();
+        ctx.add(
+            self.listener.as_raw_fd(),
+            epoll::Events::EPOLLIN,
+            move |ctx, _| acceptor.accept(ctx),
+        );
+    }
+
+    /// The listener is readable: accept and admit a frontend; while it is attached, stop
+    /// watching the listener.
+    fn accept(self: &Arc<Self>, ctx: &mut LoopContext) -> Control {
+        let Some(stream) = crate::listener::accept(&self.listener, &self.name) else {
             return Control::Continue;
         };
-        if let Err(why) = shared.peers.admit(&stream) {
-            warn!("{}: refusing a connection: {why}", shared.name);
+        if let Err(why) = self.peers.admit(&stream) {
+            warn!("{}: refusing a connection: {why}", self.name);
             return Control::Continue;
         }
         let setup = stream
@@ -166,75 +171,107 @@ fn listener_handler(
         if let Err(e) = setup {
             warn!(
                 "{}: cannot set up a connection: {}",
-                shared.name,
+                self.name,
                 limits::describe(&e)
             );
             return Control::Continue;
         }
-        let session_name = format!("{}[fd {}]", shared.name, stream.as_raw_fd());
+        let session_name = format!("{}[fd {}]", self.name, stream.as_raw_fd());
         let session = Arc::new(Mutex::new(Session::new(
             session_name.clone(),
-            shared.device.clone(),
-            shared.dma.clone(),
+            self.device.clone(),
+            self.dma.clone(),
         )));
-        *shared.current() = Some(session.clone());
-        let mut handler = BackendReqHandler::from_stream(stream, session.clone());
-        let fd = handler.as_raw_fd();
+        *lock(&self.current) = Some(session.clone());
+        let handler = BackendReqHandler::from_stream(stream, session.clone());
         info!("{session_name}: frontend connected");
-        let shared2 = shared.clone();
-        ctx.add(fd, epoll::Events::EPOLLIN, move |ctx, _| {
-            let header = match status::peek_header(fd) {
-                Ok(h) => h,
-                Err(e) => {
-                    // A peek fails like that only for the request's descriptors.
-                    let why = match limits::Limit::of_fd_error(&e) {
-                        Some(_) => limits::fds_lost(&e),
-                        None => e.to_string(),
-                    };
-                    warn!("{session_name}: dropping the connection: {why}");
-                    return end_session(ctx, &shared2, &session);
-                }
-            };
-            let (intercepted, protocol) = {
-                let mut s = session.lock().unwrap_or_else(|e| e.into_inner());
-                let protocol = s.acked_protocol();
-                let intercepted = match header {
-                    Some(h) => status::intercept(fd, h, &mut s),
-                    None => Ok(Intercepted::No),
-                };
-                (intercepted, protocol)
-            };
-            let outcome = match intercepted {
-                Ok(Intercepted::Handled) => return Control::Continue,
-                Ok(Intercepted::No) => handler.handle_request(),
-                Err(e) => Err(VhostError::SocketError(e)),
-            };
-            match outcome {
-                Ok(()) => return Control::Continue,
-                Err(e) if !is_fatal(&e) => {
-                    let handler_error = matches!(
-                        e,
-                        VhostError::ReqHandlerError(_) | VhostError::InvalidOperation(_)
-                    );
-                    match header {
-                        Some(h) if h.left_unanswered(protocol, handler_error) => warn!(
-                            "{session_name}: request {} refused ({}); it needs a reply the \
-                             handler could not give: dropping the connection",
-                            h.request,
-                            describe(&e)
-                        ),
-                        _ => {
-                            warn!("{session_name}: request refused: {}", describe(&e));
-                            return Control::Continue;
-                        }
-                    }
-                }
-                Err(VhostError::Disconnected) => info!("{session_name}: frontend disconnected"),
-                Err(e) => warn!("{session_name}: dropping the connection: {}", describe(&e)),
-            }
-            end_session(ctx, &shared2, &session)
+        let mut connection = Connection {
+            name: session_name,
+            fd: handler.as_raw_fd(),
+            session,
+            handler,
+            acceptor: self.clone(),
+        };
+        ctx.add(connection.fd, epoll::Events::EPOLLIN, move |ctx, _| {
+            connection.on_readable(ctx)
         });
         // One frontend at a time: others wait in the backlog.
+        Control::Remove
+    }
+}
+
+/// The attached frontend: its session and the `vhost` crate's request handler on its
+/// socket.
+struct Connection {
+    name: String,
+    fd: RawFd,
+    session: Arc<Mutex<Session>>,
+    handler: BackendReqHandler<Mutex<Session>>,
+    acceptor: Arc<Acceptor>,
+}
+
+impl Connection {
+    /// A request is waiting: handle it (requests the `vhost` crate cannot dispatch are
+    /// intercepted first); on a fatal error, end the session.
+    fn on_readable(&mut self, ctx: &mut LoopContext) -> Control {
+        let name = &self.name;
+        let header = match status::peek_header(self.fd) {
+            Ok(h) => h,
+            Err(e) => {
+                // A peek fails like that only for the request's descriptors.
+                let why = match limits::Limit::of_fd_error(&e) {
+                    Some(_) => limits::fds_lost(&e),
+                    None => e.to_string(),
+                };
+                warn!("{name}: dropping the connection: {why}");
+                return self.end(ctx);
+            }
+        };
+        let (intercepted, protocol) = {
+            let mut s = lock(&self.session);
+            let protocol = s.acked_protocol();
+            let intercepted = match header {
+                Some(h) => status::intercept(self.fd, h, &mut s),
+                None => Ok(Intercepted::No),
+            };
+            (intercepted, protocol)
+        };
+        let outcome = match intercepted {
+            Ok(Intercepted::Handled) => return Control::Continue,
+            Ok(Intercepted::No) => self.handler.handle_request(),
+            Err(e) => Err(VhostError::SocketError(e)),
+        };
+        match outcome {
+            Ok(()) => return Control::Continue,
+            Err(e) if !is_fatal(&e) => {
+                let handler_error = matches!(
+                    e,
+                    VhostError::ReqHandlerError(_) | VhostError::InvalidOperation(_)
+                );
+                match header {
+                    Some(h) if h.left_unanswered(protocol, handler_error) => warn!(
+                        "{name}: request {} refused ({}); it needs a reply the handler \
+                         could not give: dropping the connection",
+                        h.request,
+                        describe(&e)
+                    ),
+                    _ => {
+                        warn!("{name}: request refused: {}", describe(&e));
+                        return Control::Continue;
+                    }
+                }
+            }
+            Err(VhostError::Disconnected) => info!("{name}: frontend disconnected"),
+            Err(e) => warn!("{name}: dropping the connection: {}", describe(&e)),
+        }
+        self.end(ctx)
+    }
+
+    /// Close the session and go back to accepting the next frontend.
+    fn end(&self, ctx: &mut LoopContext) -> Control {
+        lock(&self.session).close();
+        *lock(&self.acceptor.current) = None;
+        self.acceptor.listen_again(ctx);
         Control::Remove
     }
 }

@@ -1,0 +1,77 @@
+//! `vhost-user-proxy`: an existing vhost-user backend process presented as a virtio-pci
+//! device (`unidev_compat::vhost_user_proxy`).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Args;
+use log::info;
+use unidev_compat::vhost_user_proxy::VhostUserProxy;
+use unidev_core::memory::DmaSpace;
+use unidev_transports::export::Export;
+use unidev_transports::transport::TransportKind;
+
+use super::{BuildContext, Built, Contract, DeviceOptions};
+
+/// `vhost-user-proxy` options.
+#[derive(Args, Clone, Debug)]
+pub struct VhostUserProxyOptions {
+    /// The backend process's vhost-user socket.
+    #[arg(long)]
+    pub backend_socket: PathBuf,
+    /// Virtio device type of the backend (2 = block, 4 = entropy, 26 = fs, ...).
+    #[arg(long)]
+    pub virtio_id: u32,
+    /// Number of queues to use.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=128))]
+    pub queues: u16,
+}
+
+impl DeviceOptions for VhostUserProxyOptions {
+    const NAME: &'static str = "vhost-user-proxy";
+    const ABOUT: &'static str = "An existing vhost-user backend process (qemu-storage-daemon, \
+        vhost-device-*, virtiofsd) presented as a virtio-pci device: unidev is its vhost-user \
+        frontend and passes memory fds, kick and call eventfds through (no copies)";
+
+    fn contract(&self) -> Contract {
+        Contract::Virtio {
+            device_type: self.virtio_id,
+        }
+    }
+
+    /// The proxy exists to put a vhost-user backend behind a PCI transport.
+    fn check_transport(&self, transport: &dyn TransportKind) -> Result<(), String> {
+        if transport.carries_virtio_pci() {
+            Ok(())
+        } else {
+            Err(
+                "vhost-user-proxy puts a vhost-user backend behind vfio-user: use --transport \
+                 vfio-user"
+                    .into(),
+            )
+        }
+    }
+
+    fn build(&self, ctx: &BuildContext) -> Result<Built, String> {
+        let socket = &self.backend_socket;
+        let dma = Arc::new(DmaSpace::new(ctx.max_dma_maps));
+        let proxy = VhostUserProxy::connect(
+            socket,
+            self.virtio_id,
+            usize::from(self.queues),
+            dma.clone(),
+        )
+        .map_err(|e| {
+            format!(
+                "vhost-user-proxy: cannot use the backend at {}: {e}",
+                socket.display()
+            )
+        })?;
+        info!(
+            "vhost-user-proxy: virtio device type {} at {}",
+            self.virtio_id,
+            socket.display()
+        );
+        Ok(Built::Virtio(Export::virtio_device(ctx.name, proxy, dma)))
+    }
+}
