@@ -2,7 +2,8 @@
 //! vfio-user protocol (`docs/interop/vfio-user.rst`), with QEMU 11.1's `vfio-user-pci`
 //! client as the reference peer.
 //!
-//! * [`codec`] — the wire format (hand-written: see its doc for why).
+//! * [`codec`] — the wire format (declared layouts with a generated codec: see its doc
+//!   for why and how).
 //! * [`socket`] — framing, fds, limits.
 //! * [`session`] — one connection: commands translated into core calls.
 //! * [`server`] — the listening socket and the event loop, one client at a time.
