@@ -26,22 +26,18 @@ use super::uapi::{
 /// Where the kernel puts the control device.
 pub const DEFAULT_CONTROL_PATH: &str = "/dev/vduse/control";
 
-/// Virtio device id of a network device.
-pub const VIRTIO_ID_NET: u32 = 1;
-/// Virtio device id of a block device.
-pub const VIRTIO_ID_BLOCK: u32 = 2;
+pub use unidev_core::virtio::spec::{
+    VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, VIRTIO_ID_BLOCK,
+    VIRTIO_ID_NET,
+};
+// VIRTIO_F_ACCESS_PLATFORM: VDUSE refuses devices without it (`features_is_valid` in
+// `drivers/vdpa/vdpa_user/vduse_dev.c`); VIRTIO_F_RING_PACKED: this transport serves split
+// rings only.
 
-/// `VIRTIO_F_VERSION_1`: the device is a virtio 1.x device.
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
-/// `VIRTIO_F_ACCESS_PLATFORM`: device addresses are IOVAs. VDUSE refuses devices without
-/// it (`features_is_valid` in `drivers/vdpa/vdpa_user/vduse_dev.c`).
-pub const VIRTIO_F_ACCESS_PLATFORM: u64 = 1 << 33;
-/// `VIRTIO_F_RING_PACKED`: this transport serves split rings only.
-pub const VIRTIO_F_RING_PACKED: u64 = 1 << 34;
 /// `VIRTIO_BLK_F_CONFIG_WCE`: VDUSE's config space is read-only, so the kernel refuses it.
-pub const VIRTIO_BLK_F_CONFIG_WCE: u64 = 1 << 11;
+pub const VIRTIO_BLK_F_CONFIG_WCE: u64 = 1 << virtio_bindings::virtio_blk::VIRTIO_BLK_F_CONFIG_WCE;
 /// `VIRTIO_NET_F_CTRL_VQ`: refused by the kernel for VDUSE net devices.
-pub const VIRTIO_NET_F_CTRL_VQ: u64 = 1 << 17;
+pub const VIRTIO_NET_F_CTRL_VQ: u64 = 1 << virtio_bindings::virtio_net::VIRTIO_NET_F_CTRL_VQ;
 
 /// Ring alignment given to the kernel (`vq_align`; at most the page size).
 pub const VQ_ALIGN: u32 = 4096;
@@ -178,22 +174,7 @@ impl VduseError {
 
 /// A readable name of a virtio device type, for messages.
 pub fn virtio_type_name(device_type: u32) -> &'static str {
-    match device_type {
-        1 => "virtio-net",
-        2 => "virtio-blk",
-        3 => "virtio-console",
-        4 => "virtio-rng",
-        5 => "virtio-balloon",
-        8 => "virtio-scsi",
-        9 => "virtio-9p",
-        16 => "virtio-gpu",
-        18 => "virtio-input",
-        19 => "virtio-vsock",
-        20 => "virtio-crypto",
-        26 => "virtio-fs",
-        41 => "virtio-gpio",
-        _ => "unknown",
-    }
+    unidev_core::virtio::spec::device_type_name(device_type)
 }
 
 /// Check that the kernel's VDUSE takes `device_type` (6.12: `allowed_device_id[]` holds

@@ -30,11 +30,13 @@ use std::sync::Arc;
 use log::{debug, info, warn};
 use unidev_core::dispatch::{Control, LoopContext, Token};
 use unidev_core::memory::DmaSpace;
+use unidev_core::virtio::spec::{self, status};
 use unidev_core::virtio::{QueueConfig, VirtioDevice};
 use vm_memory::ByteValued;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref};
 
+use super::control::offered_features;
 use super::iotlb::{IotlbMirror, IotlbSource};
 use super::uapi::{
     VduseDevRequest, VduseDevResponse, VduseIotlbEntry, VduseVqEventfd, VduseVqInfo,
@@ -42,17 +44,6 @@ use super::uapi::{
     VDUSE_REQ_RESULT_FAILED, VDUSE_REQ_RESULT_OK, VDUSE_SET_STATUS, VDUSE_UPDATE_IOTLB,
     VDUSE_VQ_GET_INFO, VDUSE_VQ_INJECT_IRQ, VDUSE_VQ_SETUP_KICKFD,
 };
-
-/// Device status bit: the driver found the device (virtio 1.2 section 2.1).
-pub const STATUS_ACKNOWLEDGE: u8 = 0x01;
-/// Device status bit: the driver knows how to drive the device.
-pub const STATUS_DRIVER: u8 = 0x02;
-/// Device status bit: the driver accepted the features (virtio 1.2 section 2.1).
-pub const STATUS_FEATURES_OK: u8 = 0x08;
-/// Device status bit: the driver is ready; queues run.
-pub const STATUS_DRIVER_OK: u8 = 0x04;
-/// Device status bit: the driver gave up on the device.
-pub const STATUS_FAILED: u8 = 0x80;
 
 /// The per-device ioctls a session issues on `/dev/vduse/NAME`.
 pub trait VduseIoctls: IotlbSource {
@@ -316,30 +307,46 @@ impl Session {
         Some(self.queues[index].last_avail)
     }
 
-    fn set_status(&mut self, status: u8, ctx: &mut LoopContext) -> io::Result<()> {
+    /// SET_STATUS, by the rules every transport shares (`unidev_core::virtio::spec`):
+    /// FEATURES_OK hands the kernel's negotiated features to the device, the device
+    /// starts running its queues at DRIVER_OK and stops when the driver sets FAILED; 0
+    /// resets it. A refused part of the write is logged; refused features or a queue that
+    /// cannot start fail the request.
+    fn set_status(&mut self, written: u8, ctx: &mut LoopContext) -> io::Result<()> {
         let old = self.status;
-        debug!("{}: status {old:#x} -> {status:#x}", self.name);
-        if status == 0 {
+        debug!("{}: status {old:#x} -> {written:#x}", self.name);
+        let offered = offered_features(self.device.device_type(), self.device.features());
+        let io = self.io.clone();
+        let update = spec::write_status(old, written, offered, || {
+            io.driver_features()
+                .map_err(|e| format!("VDUSE_DEV_GET_FEATURES: {e}"))
+        });
+        if update.reset {
             self.reset(ctx);
             return Ok(());
         }
-        if status & STATUS_FEATURES_OK != 0 && old & STATUS_FEATURES_OK == 0 {
-            let features = self.io.driver_features()?;
+        if let Some(features) = update.features {
             self.device.set_driver_features(features);
             self.driver_features = features;
             info!("{}: driver features {features:#x}", self.name);
         }
-        let running = |s: u8| s & STATUS_DRIVER_OK != 0 && s & STATUS_FAILED == 0;
-        if running(status) && !running(old) {
+        self.status = update.status;
+        if update.start {
             if let Err(e) = self.start_queues(ctx) {
                 self.stop_all(ctx);
                 return Err(e);
             }
-        } else if !running(status) && running(old) {
+        } else if update.stop {
             self.stop_all(ctx);
         }
-        self.status = status;
-        Ok(())
+        match update.refused {
+            Some(why @ spec::StatusRefusal::Features(_)) => Err(io::Error::other(why)),
+            Some(why) => {
+                warn!("{}: status {written:#x}: {why}", self.name);
+                Ok(())
+            }
+            None => Ok(()),
+        }
     }
 
     /// Stop every queue, reset the device and drop all memory (status 0, shutdown).
@@ -429,7 +436,7 @@ impl Session {
         if features != 0 {
             self.device.set_driver_features(features);
             self.driver_features = features;
-            self.status = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
+            self.status = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
         }
         let ready: Vec<usize> = (0..infos.len()).filter(|&i| infos[i].ready != 0).collect();
         if ready.is_empty() {
@@ -446,7 +453,7 @@ impl Session {
                 return Err(e);
             }
         }
-        self.status |= STATUS_DRIVER_OK;
+        self.status |= status::DRIVER_OK;
         info!(
             "{}: took over the running device (driver features {features:#x}, queues {ready:?} \
              resumed at their used index)",

@@ -62,7 +62,8 @@ impl VirtioDevice for FakeDevice {
         256
     }
     fn features(&self) -> u64 {
-        1 << 32
+        // VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX: the kernel negotiates a subset.
+        (1 << 32) | (1 << 29)
     }
     fn read_config(&self, _: u32, data: &mut [u8]) {
         data.fill(0);

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use log::{debug, info, warn};
 use unidev_core::memory::{DmaSpace, FdBacking, MapRequest, Prot};
 use unidev_core::virtio::inflight::InflightError;
+use unidev_core::virtio::spec;
 use unidev_core::virtio::{InflightRegion, QueueConfig, VirtioDevice};
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
@@ -56,10 +57,6 @@ pub fn offered_protocol_features() -> VhostUserProtocolFeatures {
 
 /// Largest queue size an inflight region is made for (the virtio split-ring maximum).
 const MAX_INFLIGHT_QUEUE_SIZE: u16 = 32768;
-
-// Device status bits (virtio 1.2 section 2.1).
-const STATUS_FEATURES_OK: u8 = 8;
-const STATUS_NEEDS_RESET: u8 = 64;
 
 /// One region of the frontend's memory table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -170,16 +167,27 @@ impl Session {
         self.status
     }
 
-    /// SET_STATUS: record the driver's status; 0 resets the device (virtio 1.2 section
-    /// 2.1: "writing 0 ... resets the device"), keeping the connection's memory table and
-    /// negotiated features. Returns false when a bit cannot be accepted (then the stored
-    /// status shows what the device accepted, as with FEATURES_OK on virtio-pci).
+    /// SET_STATUS, by the rules every transport shares (`unidev_core::virtio::spec`): 0
+    /// resets the device (virtio 1.2 section 2.1: "writing 0 ... resets the device"),
+    /// keeping the connection's memory table and negotiated features; FEATURES_OK is kept
+    /// only for features negotiated with SET_FEATURES that the device accepts. Queues are
+    /// not started here: vhost-user starts them by ring messages. Returns false when part
+    /// of the write was refused (then the stored status shows what the device accepted,
+    /// as with FEATURES_OK on virtio-pci).
     pub fn set_status(&mut self, value: u64) -> bool {
-        let Ok(mut status) = u8::try_from(value) else {
+        let Ok(written) = u8::try_from(value) else {
             warn!("{}: SET_STATUS {value:#x} is not a status byte", self.name);
             return false;
         };
-        if status == 0 {
+        let acked = self.acked_features;
+        let update = spec::write_status(self.status, written, self.device.features(), || {
+            if acked == 0 {
+                Err("no features were negotiated (SET_FEATURES)".into())
+            } else {
+                Ok(acked & !PROTOCOL_FEATURES)
+            }
+        });
+        if update.reset {
             self.stop_all();
             self.device.reset();
             self.reset_rings();
@@ -191,17 +199,15 @@ impl Session {
             debug!("{}: status 0: device reset", self.name);
             return true;
         }
-        // NEEDS_RESET is the device's to set.
-        status = (status & !STATUS_NEEDS_RESET) | (self.status & STATUS_NEEDS_RESET);
-        let mut ok = true;
-        if status & STATUS_FEATURES_OK != 0 && self.acked_features & !PROTOCOL_FEATURES == 0 {
-            // FEATURES_OK with no features negotiated: the device does not accept it.
-            status &= !STATUS_FEATURES_OK;
-            ok = false;
+        self.status = update.status;
+        debug!("{}: status {:#x}", self.name, update.status);
+        match update.refused {
+            Some(why) => {
+                warn!("{}: SET_STATUS {written:#x}: {why}", self.name);
+                false
+            }
+            None => true,
         }
-        self.status = status;
-        debug!("{}: status {status:#x}", self.name);
-        ok
     }
 
     /// Log a request refused outside the crate's handler.
@@ -303,7 +309,7 @@ impl Session {
         };
         if let Err(e) = self.device.start_queue(index, config) {
             // The frontend learns it from GET_STATUS (and the error reply).
-            self.status |= STATUS_NEEDS_RESET;
+            self.status |= spec::status::DEVICE_NEEDS_RESET;
             return Err(refuse(e.to_string()));
         }
         ring.running = true;
