@@ -644,3 +644,150 @@ impl Disk {
         &self.file
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A scratch image of `len` bytes of 0x5a, removed on drop.
+    struct Image(PathBuf);
+
+    impl Image {
+        fn new(name: &str, len: usize) -> Image {
+            let p = std::env::temp_dir()
+                .join(format!("unidev-blk-io-{}-{name}.img", std::process::id()));
+            std::fs::write(&p, vec![0x5au8; len]).unwrap();
+            Image(p)
+        }
+
+        fn disk(&self, null_io: bool) -> Disk {
+            let (file, _, is_block_device) = open(&self.0, false, false).unwrap();
+            Disk::new(file, self.0.clone(), is_block_device, false, null_io)
+        }
+
+        fn bytes(&self) -> Vec<u8> {
+            std::fs::read(&self.0).unwrap()
+        }
+    }
+
+    impl Drop for Image {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn memory() -> GuestMemoryMmap<()> {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap()
+    }
+
+    #[test]
+    fn vectored_reads_and_writes_follow_the_segment_stream() {
+        let img = Image::new("rw", 4096);
+        let disk = img.disk(false);
+        let m = memory();
+        let mut bounce = BounceBuffer::default();
+        let data: Vec<u8> = (0..1024u32).map(|i| i as u8).collect();
+        // 1024 bytes across three guest buffers, after 16 bytes of something else.
+        m.write_slice(&data[..200], GuestAddress(0x1010)).unwrap();
+        m.write_slice(&data[200..700], GuestAddress(0x3000))
+            .unwrap();
+        m.write_slice(&data[700..], GuestAddress(0x5000)).unwrap();
+        let segs = [
+            Seg {
+                addr: 0x1000,
+                len: 216,
+            },
+            Seg {
+                addr: 0x3000,
+                len: 500,
+            },
+            Seg {
+                addr: 0x5000,
+                len: 324,
+            },
+        ];
+        assert_eq!(
+            disk.write_vectored(&m, &segs, 16, 1024, 512, &mut bounce),
+            Ok(())
+        );
+        let file = img.bytes();
+        assert_eq!(&file[512..1536], &data[..]);
+        assert_eq!((file[511], file[1536]), (0x5a, 0x5a));
+
+        let back = [Seg {
+            addr: 0x8000,
+            len: 1024,
+        }];
+        assert_eq!(
+            disk.read_vectored(&m, &back, 0, 1024, 512, &mut bounce),
+            Ok(())
+        );
+        let mut got = vec![0u8; 1024];
+        m.read_slice(&mut got, GuestAddress(0x8000)).unwrap();
+        assert_eq!(got, data);
+        // Past the end of the file: a failure, not a short read.
+        let r = disk.read_vectored(&m, &back, 0, 1024, 4096 - 512, &mut bounce);
+        assert_eq!(r, Err(DiskError::Failed));
+        assert_eq!(disk.flush("flush"), Ok(()));
+    }
+
+    #[test]
+    fn null_io_touches_neither_the_file_nor_guest_memory() {
+        let img = Image::new("null", 4096);
+        let disk = img.disk(true);
+        let m = memory();
+        let mut bounce = BounceBuffer::default();
+        m.write_slice(&[7; 512], GuestAddress(0x1000)).unwrap();
+        let segs = [Seg {
+            addr: 0x1000,
+            len: 512,
+        }];
+        assert_eq!(
+            disk.write_vectored(&m, &segs, 0, 512, 0, &mut bounce),
+            Ok(())
+        );
+        assert_eq!(
+            disk.read_vectored(&m, &segs, 0, 512, 512, &mut bounce),
+            Ok(())
+        );
+        assert_eq!(disk.flush("flush"), Ok(()));
+        assert_eq!(img.bytes(), vec![0x5a; 4096]);
+        let mut got = [0u8; 512];
+        m.read_slice(&mut got, GuestAddress(0x1000)).unwrap();
+        assert_eq!(got, [7; 512]);
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_leave_zeroes_in_range_only() {
+        let img = Image::new("dz", 16384);
+        let disk = img.disk(false);
+        let mut bounce = BounceBuffer::default();
+        assert_eq!(disk.write_zeroes(4096, 1024, false, &mut bounce), Ok(()));
+        assert_eq!(disk.write_zeroes(8192, 512, true, &mut bounce), Ok(()));
+        match disk.discard(12288, 4096) {
+            Ok(()) => assert!(img.bytes()[12288..].iter().all(|&b| b == 0)),
+            r => assert_eq!(r, Err(DiskError::Unsupported)),
+        }
+        let file = img.bytes();
+        assert_eq!(file.len(), 16384, "the size is kept");
+        assert!(file[4096..5120].iter().all(|&b| b == 0));
+        assert!(file[8192..8704].iter().all(|&b| b == 0));
+        assert_eq!(
+            (file[4095], file[5120], file[8191], file[8704]),
+            (0x5a, 0x5a, 0x5a, 0x5a)
+        );
+    }
+
+    #[test]
+    fn a_failed_flush_through_the_page_cache_is_sticky() {
+        // fdatasync of /dev/null fails (EINVAL).
+        for direct in [false, true] {
+            let Ok(null) = File::options().read(true).write(true).open("/dev/null") else {
+                return;
+            };
+            let disk = Disk::new(null, "/dev/null".into(), false, direct, false);
+            assert_eq!(disk.flush("flush"), Err(DiskError::Failed));
+            assert_eq!(disk.sync_failed(), !direct, "direct {direct}");
+        }
+    }
+}

@@ -170,3 +170,154 @@ pub(super) fn read_dwz_segment(
         flags,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use vm_memory::Bytes;
+
+    use super::*;
+
+    const NEXT: u16 = VRING_DESC_F_NEXT as u16;
+    const WRITE: u16 = VRING_DESC_F_WRITE as u16;
+
+    fn memory() -> GuestMemoryMmap<()> {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap()
+    }
+
+    /// A chain of (addr, len, flags), linked in order.
+    fn chain(descs: &[(u64, u32, u16)]) -> impl Iterator<Item = Descriptor> + '_ {
+        descs
+            .iter()
+            .enumerate()
+            .map(|(i, &(addr, len, flags))| Descriptor::new(addr, len, flags, i as u16 + 1))
+    }
+
+    #[test]
+    fn a_well_framed_chain_splits_into_readable_and_writable_segments() {
+        let m = memory();
+        let mut segs = vec![Seg { addr: 0, len: 1 }]; // an earlier request's segment
+        let descs = [
+            (0x100, 16, NEXT),
+            (0x200, 512, NEXT | WRITE),
+            (0x400, 512, NEXT | WRITE),
+            (0x800, 1, WRITE),
+        ];
+        let r = parse(7, chain(&descs), &m, &mut segs);
+        assert_eq!(r.head, 7);
+        assert_eq!((r.readable.clone(), r.writable.clone()), (1..2, 2..5));
+        assert_eq!((r.rbytes, r.wbytes), (16, 1025));
+        assert_eq!(r.status, Some(GuestAddress(0x800)));
+        assert!(!r.malformed);
+        assert_eq!((segs[2].addr, segs[2].len), (0x200, 512));
+    }
+
+    #[test]
+    fn framing_errors_mark_the_chain_malformed() {
+        let m = memory();
+        let mut segs = Vec::new();
+        for descs in [
+            // Readable after writable.
+            &[
+                (0x100, 16, NEXT),
+                (0x200, 8, NEXT | WRITE),
+                (0x300, 8, NEXT),
+                (0x800, 1, WRITE),
+            ][..],
+            // A zero-length descriptor.
+            &[(0x100, 16, NEXT), (0x200, 0, NEXT), (0x800, 1, WRITE)],
+            // A buffer past the end of guest memory.
+            &[
+                (0x100, 16, NEXT),
+                (0xff00, 0x200, NEXT | WRITE),
+                (0x800, 1, WRITE),
+            ],
+        ] {
+            let r = parse(0, chain(descs), &m, &mut segs);
+            assert!(r.malformed, "{descs:?}");
+            assert_eq!(r.status, Some(GuestAddress(0x800)), "{descs:?}");
+        }
+        // More descriptors than are kept.
+        let long: Vec<_> = (0..MAX_CHAIN_SEGS as u64 + 2)
+            .map(|i| (0x1000 + i, 1, NEXT | WRITE))
+            .chain([(0x800, 1, WRITE)])
+            .collect();
+        segs.clear();
+        let r = parse(0, chain(&long), &m, &mut segs);
+        assert!(r.malformed);
+        assert_eq!(segs.len(), MAX_CHAIN_SEGS);
+        assert_eq!(r.status, Some(GuestAddress(0x800)), "the real last byte");
+    }
+
+    #[test]
+    fn the_status_byte_is_the_last_byte_of_a_final_writable_descriptor() {
+        let m = memory();
+        let mut segs = Vec::new();
+        let r = parse(
+            0,
+            chain(&[(0x100, 16, NEXT), (0x800, 4, WRITE)]),
+            &m,
+            &mut segs,
+        );
+        assert_eq!(r.status, Some(GuestAddress(0x803)));
+        // The last descriptor is device-readable, or still points onwards (cut short).
+        let r = parse(0, chain(&[(0x100, 16, NEXT), (0x800, 1, 0)]), &m, &mut segs);
+        assert_eq!(r.status, None);
+        let r = parse(
+            0,
+            chain(&[(0x100, 16, NEXT), (0x800, 1, WRITE | NEXT)]),
+            &m,
+            &mut segs,
+        );
+        assert_eq!(r.status, None);
+    }
+
+    #[test]
+    fn header_and_dwz_segments_are_read_across_descriptors() {
+        let m = memory();
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(&4u32.to_le_bytes()); // type: FLUSH
+        bytes.extend_from_slice(&0u32.to_le_bytes());
+        bytes.extend_from_slice(&0x1122_3344_5566u64.to_le_bytes());
+        bytes.extend_from_slice(&9u64.to_le_bytes());
+        bytes.extend_from_slice(&3u32.to_le_bytes());
+        bytes.extend_from_slice(&1u32.to_le_bytes());
+        // Split at byte 5 (inside the header) and byte 20 (inside the segment).
+        m.write_slice(&bytes[..5], GuestAddress(0x100)).unwrap();
+        m.write_slice(&bytes[5..20], GuestAddress(0x300)).unwrap();
+        m.write_slice(&bytes[20..], GuestAddress(0x500)).unwrap();
+        let rd = [
+            Seg {
+                addr: 0x100,
+                len: 5,
+            },
+            Seg {
+                addr: 0x300,
+                len: 15,
+            },
+            Seg {
+                addr: 0x500,
+                len: 12,
+            },
+        ];
+        let header = read_header(&m, &rd).unwrap();
+        assert_eq!((header.kind, header.sector), (4, 0x1122_3344_5566));
+        let segment = read_dwz_segment(&m, &rd, 0).unwrap();
+        assert_eq!(
+            (segment.sector, segment.num_sectors, segment.flags),
+            (9, 3, 1)
+        );
+        // Past the stream, or outside guest memory.
+        assert_eq!(read_dwz_segment(&m, &rd, 1), None);
+        assert_eq!(
+            read_header(
+                &m,
+                &[Seg {
+                    addr: 0xfff8,
+                    len: 16
+                }]
+            ),
+            None
+        );
+    }
+}
