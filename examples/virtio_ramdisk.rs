@@ -15,6 +15,7 @@ use std::io::{self, BufRead, Read, Write};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex, RwLock};
 
+use unidev_core::virtio::spec::{VIRTIO_F_VERSION_1, VIRTIO_ID_BLOCK};
 use unidev_transports::export::{
     Export, ExportOptions, Vduse, VfioUser, VhostUser, VirtioTransport,
 };
@@ -25,8 +26,6 @@ use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
-const VIRTIO_ID_BLOCK: u32 = 2;
-const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
 const SECTOR: usize = 512;
 const IN: u32 = 0;

@@ -16,13 +16,12 @@
 use std::mem::offset_of;
 use std::path::Path;
 
+use unidev_core::virtio::spec::VIRTIO_ID_BLOCK;
 use vhost::vdpa::VhostVdpa;
 use vhost::vhost_kern::vdpa::VhostKernVdpa;
 use vhost::VhostBackend;
 use virtio_bindings::virtio_blk::{virtio_blk_config, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_MQ};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
-
-const VIRTIO_ID_BLOCK: u32 = 2;
 
 /// What the device reports.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -4,13 +4,10 @@
 use std::sync::Arc;
 
 use clap::Args;
-use unidev_backends::virtio_rng::VirtioRng;
+use unidev_backends::virtio_rng::{VirtioRng, VIRTIO_ID_RNG};
 use unidev_transports::export::Export;
 
 use super::{BuildContext, Built, Contract, DeviceOptions, VirtioOptions};
-
-/// virtio 1.2 section 5.4: entropy device.
-const VIRTIO_ID_RNG: u32 = 4;
 
 /// `virtio-rng` options.
 #[derive(Args, Clone, Debug)]

@@ -49,7 +49,7 @@ use super::inflight::{InflightQueue, InflightRegion, RingLayout};
 use crate::memory::{DmaSpace, GuestMemorySnapshot};
 use crate::sandbox::{self, SandboxedThread};
 
-const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+use super::spec::VIRTIO_RING_F_EVENT_IDX;
 const STOP_EVENT: u64 = u64::MAX;
 
 /// How workers wait for work.

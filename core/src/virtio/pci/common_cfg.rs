@@ -12,6 +12,7 @@ use log::{info, warn};
 
 use super::{status, VirtioPci, COMMON_LEN, NO_VECTOR, VIRTIO_F_VERSION_1};
 use crate::virtio::device::QueueConfig;
+use crate::virtio::spec;
 
 /// One queue's registers as the driver programmed them (4.1.4.3: queue_size ...
 /// queue_device), and whether the device runs it.
@@ -63,36 +64,44 @@ impl VirtioPci {
         self.router.refresh();
     }
 
-    /// A driver write of device_status: reset, FEATURES_OK (accepted only for a subset
-    /// of the offered features that includes VERSION_1), DRIVER_OK (starts the enabled
-    /// queues).
-    fn set_status(&mut self, new: u8) {
-        if new == 0 {
+    /// A driver write of device_status, by the rules every transport shares
+    /// ([`spec::write_status`]): 0 resets; FEATURES_OK is kept only for a subset of the
+    /// offered features that includes VERSION_1 (and hands them to the device); DRIVER_OK
+    /// starts the enabled queues; FAILED stops them.
+    fn set_status(&mut self, written: u8) {
+        let offered = self.offered_features();
+        let driver = self.driver_features;
+        let update = spec::write_status(self.status, written, offered, || Ok(driver));
+        if update.reset {
             info!("{}: driver reset", self.name);
             self.reset_virtio();
             return;
         }
-        let old = self.status;
-        let mut new = new;
-        if new & status::FEATURES_OK != 0 && old & status::FEATURES_OK == 0 {
-            let offered = self.offered_features();
-            let f = self.driver_features;
-            if f & !offered != 0 || f & VIRTIO_F_VERSION_1 == 0 {
-                warn!(
-                    "{}: driver features {f:#x} not acceptable (offered {offered:#x})",
-                    self.name
-                );
-                new &= !status::FEATURES_OK;
-            } else {
-                self.device.set_driver_features(f);
-            }
+        if let Some(why) = &update.refused {
+            warn!("{}: device status {written:#x}: {why}", self.name);
         }
-        self.status = new;
-        if new & status::DRIVER_OK != 0 && old & status::DRIVER_OK == 0 {
+        if let Some(features) = update.features {
+            self.device.set_driver_features(features);
+        }
+        self.status = update.status;
+        if update.start {
             for q in 0..self.queues.len() {
                 if self.queues[q].enabled {
                     self.start_queue(q);
                 }
+            }
+        } else if update.stop {
+            self.stop_queues();
+        }
+    }
+
+    /// Stop every running queue (the driver gave up: FAILED); the device keeps its
+    /// negotiation until the driver resets it.
+    fn stop_queues(&mut self) {
+        for q in 0..self.queues.len() {
+            if self.queues[q].running {
+                self.device.stop_queue(q);
+                self.queues[q].running = false;
             }
         }
     }
@@ -240,7 +249,7 @@ impl VirtioPci {
             }
             if touched(0x1c, 2) && u16_at(&img, 0x1c) == 1 && !self.queues[q].enabled {
                 self.queues[q].enabled = true;
-                if self.status & status::DRIVER_OK != 0 {
+                if spec::is_running(self.status) {
                     self.start_queue(q);
                 }
             }

@@ -65,24 +65,11 @@ pub const NO_VECTOR: u16 = 0xffff;
 /// Most queues a VirtioPci accepts (MSI-X table of queues + 1 vectors fits BAR 1).
 pub const MAX_QUEUES: usize = 128;
 
-/// Device status bits (virtio 1.2 section 2.1).
-pub mod status {
-    /// The guest noticed the device.
-    pub const ACKNOWLEDGE: u8 = 1;
-    /// The guest knows how to drive it.
-    pub const DRIVER: u8 = 2;
-    /// The driver is ready.
-    pub const DRIVER_OK: u8 = 4;
-    /// Feature negotiation is complete.
-    pub const FEATURES_OK: u8 = 8;
-    /// The device hit an error it cannot recover from without a reset.
-    pub const DEVICE_NEEDS_RESET: u8 = 0x40;
-    /// The driver gave up.
-    pub const FAILED: u8 = 0x80;
-}
+/// Device status bits (virtio 1.2 section 2.1), at their virtio-pci path.
+pub use super::spec::status;
 
-/// VIRTIO_F_VERSION_1.
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// VIRTIO_F_VERSION_1, at its virtio-pci path.
+pub use super::spec::VIRTIO_F_VERSION_1;
 
 const MSIX_BAR: u8 = 1;
 const MSIX_BAR_SIZE: u64 = 0x2000;
