@@ -61,6 +61,7 @@ use std::time::Duration;
 
 use log::{debug, error, info, warn};
 use unidev_core::memory::{DmaSpace, GuestMemorySnapshot};
+use unidev_core::sync::lock;
 use unidev_core::virtio::{QueueConfig, QueueError, VirtioDevice};
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag};
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
@@ -365,7 +366,7 @@ impl VhostUserProxy {
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.inner)
     }
 
     /// Whether the backend connection is usable: no socket error so far and the peer

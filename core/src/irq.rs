@@ -19,6 +19,8 @@ use std::sync::Mutex;
 
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::sync::lock;
+
 /// The interrupt kinds of a PCI function, numbered as VFIO numbers its irq indices.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum IrqKind {
@@ -210,18 +212,11 @@ impl Interrupts {
 
     /// Call `listener` whenever trigger eventfds are attached or detached.
     pub fn subscribe(&self, listener: EventfdListener) {
-        self.listeners
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(listener);
+        lock(&self.listeners).push(listener);
     }
 
     fn eventfds_changed(&self, kind: IrqKind) {
-        let listeners = self
-            .listeners
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let listeners = lock(&self.listeners).clone();
         for l in listeners {
             l(kind);
         }
@@ -234,7 +229,7 @@ impl Interrupts {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // Every update is a field store; a poisoned lock holds consistent data.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.state)
     }
 
     fn check(&self, kind: IrqKind, start: u32, count: u32) -> Result<(), IrqError> {

@@ -45,6 +45,8 @@ use vm_memory::{
     MemoryRegionAddress,
 };
 
+use crate::sync::{self, lock};
+
 /// Default cap on the number of DMA maps of one device (the Linux kernel's
 /// `dma_entry_limit`, also vfio-user's default `max_dma_maps`).
 pub const DEFAULT_MAX_MAPS: usize = 65535;
@@ -347,7 +349,7 @@ impl DmaSpace {
     fn lock_table(&self) -> std::sync::MutexGuard<'_, MapTable> {
         // A panic while holding the lock cannot leave the table inconsistent (every
         // mutation is a single insert/remove), so recover from poisoning.
-        self.table.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.table)
     }
 
     /// The snapshot handle workers keep; `memory()` on it is lock-free.
@@ -358,18 +360,11 @@ impl DmaSpace {
     /// Call `listener` after every change of the snapshot (vhost-user-backend's daemon
     /// calls `update_memory` on every memory-table change; devices do the same here).
     pub fn subscribe(&self, listener: MemoryListener) {
-        self.listeners
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(listener);
+        sync::write(&self.listeners).push(listener);
     }
 
     fn notify_listeners(&self) {
-        let listeners = self
-            .listeners
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let listeners = sync::read(&self.listeners).clone();
         for l in listeners {
             l(&self.snapshot);
         }
@@ -377,7 +372,7 @@ impl DmaSpace {
 
     /// Attach (or detach with `None`) the transport's path for maps without an fd.
     pub fn set_message_path(&self, path: Option<Arc<dyn DmaMessagePath>>) {
-        *self.message_path.write().unwrap_or_else(|e| e.into_inner()) = path;
+        *sync::write(&self.message_path) = path;
     }
 
     /// Record a map. Fails with `EEXIST` on overlap, `ENOSPC` past the cap, `EINVAL` on a
@@ -676,9 +671,7 @@ impl DmaSpace {
     }
 
     fn path(&self, iova: u64, len: usize) -> Result<Arc<dyn DmaMessagePath>, MemoryError> {
-        self.message_path
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
+        sync::read(&self.message_path)
             .clone()
             .ok_or(MemoryError::NoMessagePath { iova, len })
     }

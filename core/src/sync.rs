@@ -7,13 +7,24 @@
 //! behind these locks is kept consistent at each unlock point, never half-updated across
 //! a call that could panic. [`lock`] is the one place that decision is made.
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// Lock `mutex`, taking the guard of a poisoned lock as if it were not poisoned (see the
 /// module documentation for why that is sound here).
 pub fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Read-lock `lock`, taking a poisoned lock as if it were not (see [`lock`]).
+pub fn read<T: ?Sized>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Write-lock `lock`, taking a poisoned lock as if it were not (see [`lock`]).
+pub fn write<T: ?Sized>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    lock.write()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 

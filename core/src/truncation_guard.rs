@@ -26,6 +26,8 @@ use std::sync::{Arc, Mutex, Once, OnceLock, Weak};
 
 use vm_memory::{GuestMemoryRegion, GuestRegionMmap};
 
+use crate::sync::lock;
+
 /// How many unsealed mappings can be guarded at once. QEMU shares one file per RAM
 /// block, so real clients use a handful.
 pub const SLOTS: usize = 1024;
@@ -120,7 +122,7 @@ pub fn sweep() {
 }
 
 fn owners() -> std::sync::MutexGuard<'static, Vec<(usize, Weak<GuestRegionMmap>)>> {
-    OWNERS.lock().unwrap_or_else(|e| e.into_inner())
+    lock(&OWNERS)
 }
 
 fn install_handler() -> bool {

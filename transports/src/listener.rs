@@ -27,6 +27,8 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
+use unidev_core::sync::lock;
+
 /// Why a listening socket could not be set up.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -158,7 +160,7 @@ fn open_spare() -> io::Result<OwnedFd> {
 /// Keep the reserve descriptor [`accept`] sheds connections with (servers call this when
 /// they are created, while descriptors are still free).
 pub fn reserve_fd() {
-    let mut spare = SPARE_FD.lock().unwrap_or_else(|e| e.into_inner());
+    let mut spare = lock(&SPARE_FD);
     if spare.is_none() {
         *spare = open_spare().ok();
     }
@@ -180,7 +182,7 @@ pub fn accept(listener: &UnixListener, name: &str) -> Option<UnixStream> {
         error!("{name}: accept failed: {text}");
         return None;
     }
-    let mut spare = SPARE_FD.lock().unwrap_or_else(|e| e.into_inner());
+    let mut spare = lock(&SPARE_FD);
     let shed = spare.take().is_some() && listener.accept().is_ok();
     *spare = open_spare().ok();
     if shed {

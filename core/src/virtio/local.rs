@@ -48,6 +48,7 @@ use super::device::{QueueConfig, QueueError, VirtioDevice};
 use super::inflight::{InflightQueue, InflightRegion, RingLayout};
 use crate::memory::{DmaSpace, GuestMemorySnapshot};
 use crate::sandbox::{self, SandboxedThread};
+use crate::sync::lock;
 
 use super::spec::VIRTIO_RING_F_EVENT_IDX;
 const STOP_EVENT: u64 = u64::MAX;
@@ -104,10 +105,6 @@ struct InflightLogs {
     /// How many of `queues` hold a log: workers skip the per-queue locks while it is 0
     /// (every device without a vhost-user inflight region, on every event).
     logged: AtomicUsize,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// What a worker needs to run its queues.
@@ -351,7 +348,7 @@ where
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, LocalState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.state)
     }
 
     fn unregister(&self, index: usize, fd: RawFd) {

@@ -35,6 +35,7 @@ use std::sync::{Arc, Mutex};
 
 use log::{debug, warn};
 use unidev_core::memory::{DmaSpace, FdBacking, MapRequest, Prot};
+use unidev_core::sync::lock;
 
 use super::uapi::{VduseIotlbEntry, VDUSE_ACCESS_RO, VDUSE_ACCESS_RW, VDUSE_ACCESS_WO};
 
@@ -88,7 +89,7 @@ impl IotlbMirror {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Mirrored>> {
-        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.entries)
     }
 
     /// The space the mirror fills.

@@ -43,6 +43,7 @@ use std::sync::{Arc, Mutex};
 use log::{error, info, warn};
 use unidev_core::dispatch::{Control, EventLoop, StopHandle};
 use unidev_core::memory::DmaSpace;
+use unidev_core::sync::lock;
 use unidev_core::virtio::VirtioDevice;
 
 use super::control::{
@@ -307,11 +308,10 @@ impl VduseServer {
             self.event_loop
                 .add(first.as_raw_fd(), epoll::Events::EPOLLIN, move |ctx, _| {
                     let _ = first.read();
-                    let adopted = session.lock().unwrap_or_else(|e| e.into_inner()).adopt(ctx);
+                    let adopted = lock(&session).adopt(ctx);
                     if let Err(e) = adopted {
                         error!("{name}: cannot take the device over: {e}");
-                        *failure.lock().unwrap_or_else(|e| e.into_inner()) =
-                            Some(format!("cannot take the device over: {e}"));
+                        *lock(&failure) = Some(format!("cannot take the device over: {e}"));
                         return Control::Exit;
                     }
                     if let Some(serve) = serve.take() {
@@ -326,11 +326,7 @@ impl VduseServer {
         info!("{}: serving VDUSE requests", self.name);
         let result = self.event_loop.run();
         self.shutdown();
-        let failure = self
-            .failure
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        let failure = lock(&self.failure).take();
         result?;
         match failure {
             Some(why) => Err(io::Error::other(why)),
@@ -351,7 +347,7 @@ impl VduseServer {
             if events.contains(epoll::Events::EPOLLERR) {
                 let why = "the kernel marked the device broken (an answer came too late?)";
                 error!("{name}: {why}");
-                *failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(why.into());
+                *lock(&failure) = Some(why.into());
                 return Control::Exit;
             }
             let req = match read_request(&channel) {
@@ -359,14 +355,11 @@ impl VduseServer {
                 Ok(None) => return Control::Continue,
                 Err(e) => {
                     error!("{name}: request channel failed: {e}");
-                    *failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+                    *lock(&failure) = Some(e.to_string());
                     return Control::Exit;
                 }
             };
-            let resp = session
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .handle(&req, ctx);
+            let resp = lock(&session).handle(&req, ctx);
             if let Err(e) = write_response(&channel, &resp) {
                 warn!("{name}: cannot answer request {}: {e}", req.request_id);
             }
@@ -375,10 +368,7 @@ impl VduseServer {
     }
 
     fn shutdown(&mut self) {
-        self.session
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .close();
+        lock(&self.session).close();
         info!("{}: stopped", self.name);
     }
 }
@@ -390,7 +380,7 @@ impl Drop for VduseServer {
         if let Ok(fresh) = EventLoop::new() {
             drop(std::mem::replace(&mut self.event_loop, fresh));
         }
-        let session = self.session.lock().unwrap_or_else(|e| e.into_inner());
+        let session = lock(&self.session);
         if session.status() != 0 {
             drop(session);
             self.shutdown();

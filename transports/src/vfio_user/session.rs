@@ -19,6 +19,7 @@ use log::{debug, info, warn};
 use unidev_core::irq::{Interrupts, IrqKind};
 use unidev_core::memory::{DmaMessagePath, DmaSpace, FdBacking, MapRequest, MemoryError, Prot};
 use unidev_core::pci::{check_access, PciRegion, SharedPciDevice};
+use unidev_core::sync::lock;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::codec::*;
@@ -118,11 +119,7 @@ impl ClientDmaPath {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let payload = self.layout.encode(iova, len as u32, data.unwrap_or(&[]));
         let header = Header::command(id, cmd, payload.len(), false);
-        let _rx = self
-            .inbox
-            .recv_lock
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let _rx = lock(&self.inbox.recv_lock);
         self.sock.send(&header, &payload, &[])?;
         loop {
             let msg = match self.sock.recv() {
@@ -159,11 +156,7 @@ impl ClientDmaPath {
                 return Ok(());
             }
             if h.is_command() {
-                self.inbox
-                    .queue
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push_back(msg);
+                lock(&self.inbox.queue).push_back(msg);
                 let _ = self.wake.write(1);
             } else {
                 warn!("vfio-user: dropping unexpected reply {h:?}");
@@ -240,7 +233,7 @@ impl Session {
     ) -> io::Result<Self> {
         sock.set_timeout(Some(config.io_timeout))?;
         let (dma, irqs, region_limits) = {
-            let d = device.lock().unwrap_or_else(|e| e.into_inner());
+            let d = lock(&device);
             let limits = (0..PCI_NUM_REGIONS)
                 .filter_map(region_of)
                 .map(|r| {
@@ -276,11 +269,7 @@ impl Session {
     }
 
     fn parked(&self) -> Option<Message> {
-        self.inbox
-            .queue
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pop_front()
+        lock(&self.inbox.queue).pop_front()
     }
 
     /// Handle messages parked by DMA requesters.
@@ -307,11 +296,7 @@ impl Session {
             return SessionState::Closed;
         }
         let received = {
-            let _rx = self
-                .inbox
-                .recv_lock
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let _rx = lock(&self.inbox.recv_lock);
             self.sock.recv()
         };
         use super::socket::RecvError;
@@ -653,7 +638,7 @@ impl Session {
     }
 
     fn lock_device(&self) -> std::sync::MutexGuard<'_, dyn unidev_core::pci::PciDevice + 'static> {
-        self.device.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.device)
     }
 
     fn region_info(&mut self, p: &[u8]) -> Result<Reply, i32> {

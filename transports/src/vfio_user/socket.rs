@@ -22,6 +22,8 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use super::codec::{Header, HEADER_SIZE};
 use crate::scm_rights::{fd_table_errno, recv_with_fds, SCM_MAX_FD};
 
+use unidev_core::sync::lock;
+
 /// Past this size a message is not drained but the connection dropped: reading gigabytes
 /// to skip a bogus message would only help an attacker.
 const MAX_DRAIN: usize = 64 << 20;
@@ -288,7 +290,7 @@ impl MessageSocket {
     /// Send a message with optional fds. The header's `size` must match the payload.
     pub fn send(&self, header: &Header, payload: &[u8], fds: &[RawFd]) -> io::Result<()> {
         let hbuf = header.encode();
-        let _guard = self.send_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _guard = lock(&self.send_lock);
         let total = hbuf.len() + payload.len();
         // First sendmsg carries the fds; retry the rest without them.
         let mut sent = loop {

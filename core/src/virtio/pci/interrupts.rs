@@ -22,6 +22,7 @@ use crate::dispatch::{Control, EventLoop};
 use crate::irq::{Interrupts, IrqKind};
 use crate::pci::Msix;
 use crate::sandbox;
+use crate::sync::lock;
 use crate::virtio::device::VirtioDevice;
 
 /// Interrupt routing shared with the eventfd listener and the relay thread.
@@ -76,7 +77,7 @@ impl Router {
 
     /// The routing state (a poisoned lock is used all the same).
     pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, Route> {
-        self.route.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.route)
     }
 
     /// The fd a queue's backend should signal.
@@ -113,10 +114,7 @@ impl Router {
         };
         if msix {
             if vector != NO_VECTOR {
-                self.msix
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .signal(vector);
+                lock(&self.msix).signal(vector);
             }
         } else if !intx_disabled {
             self.irqs.set_intx_level(true);
@@ -169,10 +167,7 @@ impl VirtioPci {
     /// change when MSI-X is switched on or off.
     pub(super) fn sync_msix_control(&mut self) {
         if let Some((enabled, masked)) = self.config.msix_control() {
-            self.msix
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .set_control(enabled, masked);
+            lock(&self.msix).set_control(enabled, masked);
             let changed = {
                 let mut r = self.router.lock();
                 let changed = r.msix_enabled != enabled;
@@ -203,7 +198,7 @@ impl VirtioPci {
 
     /// A read of the MSI-X BAR: the table, or the PBA from `PBA_OFFSET`.
     pub(super) fn msix_read(&self, offset: u64, data: &mut [u8]) {
-        let m = self.msix.lock().unwrap_or_else(|e| e.into_inner());
+        let m = lock(&self.msix);
         if offset >= PBA_OFFSET {
             m.read_pba(offset - PBA_OFFSET, data);
         } else {
@@ -213,7 +208,7 @@ impl VirtioPci {
 
     /// A write of the MSI-X BAR: the table, or the PBA from `PBA_OFFSET`.
     pub(super) fn msix_write(&self, offset: u64, data: &[u8]) {
-        let mut m = self.msix.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = lock(&self.msix);
         if offset >= PBA_OFFSET {
             m.write_pba(offset - PBA_OFFSET, data);
         } else {

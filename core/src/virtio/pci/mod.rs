@@ -55,6 +55,7 @@ use crate::pci::{
     AccessError, Bar, Capability, ConfigSpace, Msix, PciDevice, PciRegion, RegionInfo,
 };
 use crate::sandbox::SandboxedThread;
+use crate::sync::lock;
 
 /// Virtio's PCI vendor ID.
 pub const VIRTIO_PCI_VENDOR: u16 = 0x1af4;
@@ -467,7 +468,7 @@ impl PciDevice for VirtioPci {
         self.reset_virtio();
         self.config.reset();
         self.pci_cfg_window = (0, 0, 0);
-        self.msix.lock().unwrap_or_else(|e| e.into_inner()).reset();
+        lock(&self.msix).reset();
         self.sync_msix_control();
         {
             let mut r = self.router.lock();
