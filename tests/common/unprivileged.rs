@@ -26,9 +26,9 @@ pub const STRANGER_UID: u32 = 1503;
 /// Fail clearly unless running as root.
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
     assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
+        euid, 0,
         "these tests run as root (as CI does): they make the unprivileged users themselves"
     );
 }

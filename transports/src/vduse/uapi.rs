@@ -347,9 +347,10 @@ impl VduseDevResponse {
     }
 }
 
-// SAFETY (all impls below): each type is `#[repr(C)]`, made only of integers and arrays
-// of integers with every padding byte spelled out as a field, so it has no implicit
-// padding and every bit pattern is a valid value.
+// The impls below: each type is `#[repr(C)]`, made only of integers and arrays of integers
+// with every padding byte spelled out as a field, so it has no implicit padding and every
+// bit pattern is a valid value.
+// SAFETY: as said above.
 unsafe impl ByteValued for VduseDevConfig {}
 // SAFETY: see above.
 unsafe impl ByteValued for VduseIotlbEntry {}
