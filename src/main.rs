@@ -19,7 +19,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-mod bench;
 mod config;
 mod devices;
 mod vdpa_info;
@@ -62,9 +61,6 @@ enum Command {
         /// The devices file.
         config: PathBuf,
     },
-    /// Measure every transport side by side (floors, peers, control and data path,
-    /// memory layer, scale) and write a Markdown/JSON/SVG report.
-    Bench(bench::BenchArgs),
     /// Show what a vhost-vdpa device reports (device id, features, queues, config space):
     /// a diagnostic for devices attached with `serve --transport vduse --attach
     /// vhost-vdpa`. Opening the device resets it.
@@ -582,7 +578,6 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Serve(args)) => serve(args),
         Some(Command::Run { config }) => run(&config),
-        Some(Command::Bench(args)) => bench::run(args),
         Some(Command::VdpaInfo { device }) => vdpa_info::run(&device),
         None => demo(),
     };

@@ -14,10 +14,11 @@ use std::time::Duration;
 use unidev_backends::virtio_blk::{BlkOptions, VirtioBlk, VIRTIO_ID_BLOCK};
 use unidev_core::memory::DmaSpace;
 use unidev_core::virtio::{DispatchOptions, LocalVirtio, VirtioPci, VirtioPciOptions};
-use unidev_transports::listener;
-use unidev_transports::vfio_user::virtio_driver::{
-    BlkCompletion, BlkSegment, DriverMemory, DriverOptions, VirtioBlkRequest, VirtioPciDriver,
+use unidev_testkit::{
+    BlkCompletion, BlkSegment, DriverMemory, DriverOptions, VhostUserRing, VirtioBlkRequest,
+    VirtioPciDriver,
 };
+use unidev_transports::listener;
 use unidev_transports::vfio_user::{ServerConfig, VfioUserClient, VfioUserServer};
 use unidev_transports::vhost_user::VhostUserServer;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -166,15 +167,16 @@ fn drive_over_vhost_user(sock: &Path, event_idx: bool) -> Vec<BlkCompletion> {
     let mem = DriverMemory::new(16 << 20, 0x1_0000_0000).unwrap();
     let features =
         VERSION_1 | PROTOCOL_FEATURES | BLK_FEATURES | if event_idx { EVENT_IDX } else { 0 };
-    let common::VhostUserRing {
+    let VhostUserRing {
         fe, mut vq, kick, ..
-    } = common::vhost_user_ring(
+    } = VhostUserRing::connect(
         sock,
         &mem,
         features,
         VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::CONFIG,
         64,
-    );
+    )
+    .unwrap();
     assert_eq!(vq.event_idx(), event_idx);
 
     let mut out = Vec::new();

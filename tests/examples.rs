@@ -19,10 +19,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use unidev_transports::vfio_user::codec::{IRQ_SET_ACTION_UNMASK, IRQ_SET_DATA_NONE};
-use unidev_transports::vfio_user::virtio_driver::{
-    BlkCompletion, BlkSegment, DriverMemory, DriverOptions, VirtioBlkRequest, VirtioPciDriver,
+use unidev_testkit::{
+    vhost_user, BlkCompletion, BlkSegment, DriverMemory, DriverOptions, VhostUserRing,
+    VirtioBlkRequest, VirtioPciDriver,
 };
+use unidev_transports::vfio_user::codec::{IRQ_SET_ACTION_UNMASK, IRQ_SET_DATA_NONE};
 use unidev_transports::vfio_user::VfioUserClient;
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use vhost::vhost_user::VhostUserFrontend;
@@ -261,14 +262,14 @@ fn virtio_ramdisk_over_vhost_user() {
     let protocol = VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::CONFIG;
-    let ring = common::vhost_user_ring(&sock, &mem, features, protocol, 64);
+    let ring = VhostUserRing::connect(&sock, &mem, features, protocol, 64).unwrap();
     let (mut fe, mut vq, kick) = (ring.fe, ring.vq, ring.kick);
     assert_ne!(ring.offered & BLK_F_FLUSH, 0);
     let (_, capacity) = fe
         .get_config(0, 8, VhostUserConfigFlags::WRITABLE, &[0; 8])
         .unwrap();
     assert_eq!(capacity, 2048u64.to_le_bytes());
-    blk_checks(|req| common::vhost_user_blk_request(&mem, &mut vq, &kick, req));
+    blk_checks(|req| vhost_user::blk_request(&mem, &mut vq, &kick, req).unwrap());
     drop(fe);
     example.stop();
     assert!(!sock.exists());

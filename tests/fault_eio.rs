@@ -23,9 +23,7 @@ use std::time::Duration;
 
 use common::{test_dir, Daemon};
 use fuse::FuseMount;
-use unidev_transports::vfio_user::virtio_driver::{
-    DriverOptions, VirtioBlkRequest, VirtioPciDriver, VIRTIO_F_VERSION_1,
-};
+use unidev_testkit::{DriverOptions, VirtioBlkRequest, VirtioPciDriver, VIRTIO_F_VERSION_1};
 use unidev_transports::vfio_user::VfioUserClient;
 
 const TIMEOUT: Duration = Duration::from_secs(10);

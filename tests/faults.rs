@@ -11,8 +11,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{test_dir, wait_for, Daemon};
-use unidev_transports::vfio_user::virtio_driver::{
-    DriverMemory, DriverOptions, VirtioBlkRequest, VirtioPciDriver,
+use unidev_testkit::{
+    vhost_user, DriverMemory, DriverOptions, VhostUserRing, VirtioBlkRequest, VirtioPciDriver,
 };
 use unidev_transports::vfio_user::VfioUserClient;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -91,13 +91,14 @@ fn vfio_user_cycle(sock: &Path, n: usize) {
 /// A vhost-user frontend life: memory table, one ring, writes in flight, gone.
 fn vhost_user_cycle(sock: &Path, n: usize) {
     let mem = DriverMemory::new(1 << 20, 0x1_0000_0000).unwrap();
-    let common::VhostUserRing { mut vq, kick, .. } = common::vhost_user_ring(
+    let VhostUserRing { mut vq, kick, .. } = VhostUserRing::connect(
         sock,
         &mem,
         (1 << 32) | (1 << 30),
         VhostUserProtocolFeatures::MQ,
         64,
-    );
+    )
+    .unwrap();
     for i in 0..4u64 {
         let req = VirtioBlkRequest::write(i * 8, &[n as u8; 4096]);
         let buf = mem.alloc(req.buffer_len(), 64).unwrap();
@@ -374,16 +375,17 @@ fn a_frontend_truncating_its_shared_memory_does_not_kill_the_daemon() {
     let mut daemon = serve_blk(&dir, "trunc", "vhost-user", &image);
     let sock = dir.join("trunc.sock");
     let mem = DriverMemory::new(1 << 20, 0x1_0000_0000).unwrap();
-    let common::VhostUserRing {
+    let VhostUserRing {
         mut vq, kick, fe, ..
-    } = common::vhost_user_ring(
+    } = VhostUserRing::connect(
         &sock,
         &mem,
         (1 << 32) | (1 << 30),
         // REPLY_ACK: every message is handled before the memory is cut.
         VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK,
         64,
-    );
+    )
+    .unwrap();
     // The rings sit at the start of the memory; the request's buffers past 512 KiB.
     let _pad = mem.alloc(512 << 10, 4096).unwrap();
     let req = VirtioBlkRequest::read(0, 4096);
@@ -408,17 +410,18 @@ fn a_frontend_truncating_its_shared_memory_does_not_kill_the_daemon() {
     // A new frontend (its SET_MEM_TABLE retires the old mapping) is served normally.
     let mem = DriverMemory::new(1 << 20, 0x1_0000_0000).unwrap();
     // The frontend (the connection) must live until the request completes.
-    let common::VhostUserRing {
+    let VhostUserRing {
         mut vq, kick, fe, ..
-    } = common::vhost_user_ring(
+    } = VhostUserRing::connect(
         &sock,
         &mem,
         (1 << 32) | (1 << 30),
         VhostUserProtocolFeatures::MQ,
         64,
-    );
+    )
+    .unwrap();
     let done =
-        common::vhost_user_blk_request(&mem, &mut vq, &kick, &VirtioBlkRequest::read(0, 4096));
+        vhost_user::blk_request(&mem, &mut vq, &kick, &VirtioBlkRequest::read(0, 4096)).unwrap();
     assert_eq!(done.status, S_OK);
     assert!(done.data.iter().all(|&b| b == 0x3c));
     drop(fe);

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use unidev_backends::virtio_blk::{BlkOptions, VirtioBlk, VIRTIO_ID_BLOCK};
 use unidev_core::memory::DmaSpace;
 use unidev_core::virtio::{DispatchOptions, LocalVirtio};
+use unidev_testkit::{DriverMemory, VhostUserRing, VirtioBlkRequest};
 use unidev_transports::listener;
-use unidev_transports::vfio_user::virtio_driver::{DriverMemory, VirtioBlkRequest};
 use unidev_transports::vhost_user::VhostUserServer;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 
@@ -48,7 +48,8 @@ fn run(event_idx: bool) {
 
     let mem = DriverMemory::new(4 << 20, 0x1_0000_0000).unwrap();
     let features = VERSION_1 | PROTOCOL_FEATURES | if event_idx { EVENT_IDX } else { 0 };
-    let ring = common::vhost_user_ring(&sock, &mem, features, VhostUserProtocolFeatures::MQ, 64);
+    let ring =
+        VhostUserRing::connect(&sock, &mem, features, VhostUserProtocolFeatures::MQ, 64).unwrap();
     let (fe, mut vq, kick) = (ring.fe, ring.vq, ring.kick);
     assert_eq!(vq.event_idx(), event_idx);
 

@@ -18,8 +18,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{test_dir, unidev_bin, wait_for, Daemon};
-use unidev_transports::vfio_user::virtio_driver::{
-    BlkSegment, DriverMemory, DriverOptions, VirtioBlkRequest, VirtioPciDriver, Virtqueue,
+use unidev_testkit::{
+    vhost_user, BlkSegment, DriverMemory, DriverOptions, VhostUserRing, VirtioBlkRequest,
+    VirtioPciDriver, Virtqueue,
 };
 use unidev_transports::vfio_user::VfioUserClient;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -154,7 +155,7 @@ fn vhost_user_request(
     kick: &EventFd,
     req: &VirtioBlkRequest,
 ) -> (u8, Vec<u8>) {
-    let c = common::vhost_user_blk_request(mem, vq, kick, req);
+    let c = vhost_user::blk_request(mem, vq, kick, req).unwrap();
     (c.status, c.data)
 }
 
@@ -166,7 +167,8 @@ fn a_daemon_under_kill_serves_virtio_blk_over_vhost_user_with_filtered_workers()
     let sock = dir.join("blk.sock");
     let mem = DriverMemory::new(4 << 20, 0x1_0000_0000).unwrap();
     let features = VERSION_1 | PROTOCOL_FEATURES | BLK_F_FLUSH | BLK_F_DISCARD | BLK_F_WRITE_ZEROES;
-    let ring = common::vhost_user_ring(&sock, &mem, features, VhostUserProtocolFeatures::MQ, 64);
+    let ring =
+        VhostUserRing::connect(&sock, &mem, features, VhostUserProtocolFeatures::MQ, 64).unwrap();
     let (fe, mut vq, kick) = (ring.fe, ring.vq, ring.kick);
     blk_requests(|r| vhost_user_request(&mem, &mut vq, &kick, r), 1);
     check_alive(&mut daemon);
@@ -176,7 +178,8 @@ fn a_daemon_under_kill_serves_virtio_blk_over_vhost_user_with_filtered_workers()
     check_alive(&mut daemon);
     // The frontend goes away (the queue stops), a new one comes: the worker lives on.
     drop(fe);
-    let ring = common::vhost_user_ring(&sock, &mem, features, VhostUserProtocolFeatures::MQ, 64);
+    let ring =
+        VhostUserRing::connect(&sock, &mem, features, VhostUserProtocolFeatures::MQ, 64).unwrap();
     let (_fe, mut vq, kick) = (ring.fe, ring.vq, ring.kick);
     blk_requests(|r| vhost_user_request(&mem, &mut vq, &kick, r), 3);
     check_filtered(&daemon, &["vring-worker-"]);
@@ -237,13 +240,14 @@ fn a_devices_file_with_seccomp_kill_filters_every_devices_workers() {
     wait_for(20, "the sockets", || blk.exists() && rng.exists());
     // virtio-rng: entropy from the worker (getrandom).
     let mem = DriverMemory::new(4 << 20, 0x1_0000_0000).unwrap();
-    let ring = common::vhost_user_ring(
+    let ring = VhostUserRing::connect(
         &rng,
         &mem,
         VERSION_1 | PROTOCOL_FEATURES,
         VhostUserProtocolFeatures::MQ,
         64,
-    );
+    )
+    .unwrap();
     let (_fe, mut vq, kick) = (ring.fe, ring.vq, ring.kick);
     let buf = mem.alloc(4096, 64).unwrap();
     mem.fill(buf.iova, 4096, 0).unwrap();
@@ -267,7 +271,8 @@ fn a_devices_file_with_seccomp_kill_filters_every_devices_workers() {
     // virtio-blk.
     let mem2 = DriverMemory::new(4 << 20, 0x1_0000_0000).unwrap();
     let features = VERSION_1 | PROTOCOL_FEATURES | BLK_F_FLUSH | BLK_F_DISCARD | BLK_F_WRITE_ZEROES;
-    let ring = common::vhost_user_ring(&blk, &mem2, features, VhostUserProtocolFeatures::MQ, 64);
+    let ring =
+        VhostUserRing::connect(&blk, &mem2, features, VhostUserProtocolFeatures::MQ, 64).unwrap();
     let (_fe2, mut vq2, kick2) = (ring.fe, ring.vq, ring.kick);
     blk_requests(|r| vhost_user_request(&mem2, &mut vq2, &kick2, r), 1);
     check_alive(&mut daemon);
@@ -395,13 +400,14 @@ fn forbidden_call_child() {
     .unwrap();
     std::thread::spawn(move || server.run());
     let mem = DriverMemory::new(1 << 20, 0x1_0000_0000).unwrap();
-    let ring = common::vhost_user_ring(
+    let ring = VhostUserRing::connect(
         &sock,
         &mem,
         VERSION_1 | PROTOCOL_FEATURES,
         VhostUserProtocolFeatures::MQ,
         64,
-    );
+    )
+    .unwrap();
     ring.kick.write(1).unwrap();
     wait_for(10, "the worker's call", || {
         result.load(Ordering::SeqCst) != -1

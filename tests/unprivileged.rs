@@ -27,8 +27,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{wait_for, Daemon};
-use unidev_transports::vfio_user::virtio_driver::{
-    DriverMemory, DriverOptions, VirtioBlkRequest, VirtioPciDriver, Virtqueue,
+use unidev_testkit::{
+    vhost_user, DriverMemory, DriverOptions, VhostUserRing, VirtioBlkRequest, VirtioPciDriver,
+    Virtqueue,
 };
 use unidev_transports::vfio_user::VfioUserClient;
 use unprivileged_common::{
@@ -411,7 +412,7 @@ fn vhost_user_frontends_descriptors_hitting_the_open_files_limit_are_named_and_s
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
     let (mut daemon, ring, limit) = squeezed_daemon(&stage, &args, &sock, || {
-        common::vhost_user_ring(&sock, &mem, VERSION_1 | PROTOCOL_FEATURES, protocol, 64)
+        VhostUserRing::connect(&sock, &mem, VERSION_1 | PROTOCOL_FEATURES, protocol, 64).unwrap()
     });
     let mut fe = ring.fe;
     // Each memory region keeps its descriptor in the daemon.
@@ -443,13 +444,14 @@ fn vhost_user_frontends_descriptors_hitting_the_open_files_limit_are_named_and_s
     );
     drop(fe);
     // The next frontend is served.
-    let ring = common::vhost_user_ring(
+    let ring = VhostUserRing::connect(
         &sock,
         &mem,
         VERSION_1 | PROTOCOL_FEATURES | BLK_F_FLUSH,
         VhostUserProtocolFeatures::MQ,
         64,
-    );
+    )
+    .unwrap();
     let (_fe, mut vq, kick) = (ring.fe, ring.vq, ring.kick);
     blk_io(
         |r| vhost_user_request(&mem, &mut vq, &kick, r),
@@ -591,7 +593,7 @@ fn vhost_user_request(
     kick: &EventFd,
     req: &VirtioBlkRequest,
 ) -> (u8, Vec<u8>) {
-    let c = common::vhost_user_blk_request(mem, vq, kick, req);
+    let c = vhost_user::blk_request(mem, vq, kick, req).unwrap();
     (c.status, c.data)
 }
 
@@ -620,13 +622,14 @@ fn client_role() {
         }
         "vhost-user" => {
             let mem = DriverMemory::new(4 << 20, 0x1_0000_0000).unwrap();
-            let ring = common::vhost_user_ring(
+            let ring = VhostUserRing::connect(
                 &sock,
                 &mem,
                 VERSION_1 | PROTOCOL_FEATURES | BLK_F_FLUSH,
                 VhostUserProtocolFeatures::MQ,
                 64,
-            );
+            )
+            .unwrap();
             let (_fe, mut vq, kick) = (ring.fe, ring.vq, ring.kick);
             blk_io(
                 |r| vhost_user_request(&mem, &mut vq, &kick, r),

@@ -9,13 +9,13 @@ use std::time::{Duration, Instant};
 use unidev_backends::virtio_rng::{VirtioRng, VIRTIO_ID_RNG};
 use unidev_core::memory::DmaSpace;
 use unidev_core::virtio::{DispatchOptions, LocalVirtio};
+use unidev_testkit::vhost_user::run_chain;
+use unidev_testkit::{DriverMemory, VhostUserRing};
 use unidev_transports::listener;
-use unidev_transports::vfio_user::virtio_driver::{DriverMemory, Virtqueue};
 use unidev_transports::vhost_user::VhostUserServer;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::VhostBackend;
-use vmm_sys_util::eventfd::EventFd;
 
 mod common;
 
@@ -24,23 +24,6 @@ const VERSION_1: u64 = 1 << 32;
 const PROTOCOL_FEATURES: u64 = 1 << 30;
 const QSIZE: u16 = 64;
 const TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Run one chain and return its used length.
-fn request(vq: &mut Virtqueue, kick: &EventFd, chain: &[(u64, u32, bool)]) -> u32 {
-    let head = vq.add_chain(chain).unwrap();
-    if vq.kick_prepare().unwrap() {
-        kick.write(1).unwrap();
-    }
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        if let Some((h, len)) = vq.poll_used().unwrap() {
-            assert_eq!(h, head);
-            return len;
-        }
-        assert!(Instant::now() < deadline, "rng request timed out");
-        std::thread::sleep(Duration::from_micros(200));
-    }
-}
 
 fn run(event_idx: bool) {
     let dir = common::test_dir(&format!("vu-rng-{event_idx}"));
@@ -55,13 +38,14 @@ fn run(event_idx: bool) {
 
     let mem = DriverMemory::new(16 << 20, 0x1_0000_0000).unwrap();
     let features = VERSION_1 | PROTOCOL_FEATURES | if event_idx { EVENT_IDX } else { 0 };
-    let ring = common::vhost_user_ring(
+    let ring = VhostUserRing::connect(
         &sock,
         &mem,
         features,
         VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::MQ,
         QSIZE,
-    );
+    )
+    .unwrap();
     assert_ne!(ring.offered & VERSION_1, 0);
     assert_ne!(ring.offered & EVENT_IDX, 0, "virtio-rng offers EVENT_IDX");
     let (mut fe, mut vq, kick) = (ring.fe, ring.vq, ring.kick);
@@ -76,7 +60,7 @@ fn run(event_idx: bool) {
     {
         let buf = mem.alloc(u64::from(len), 64).unwrap();
         mem.fill(buf.iova, u64::from(len), 0).unwrap();
-        let used = request(&mut vq, &kick, &[(buf.iova, len, true)]);
+        let used = run_chain(&mut vq, &kick, &[(buf.iova, len, true)]).unwrap();
         assert_eq!(used, len, "request {i}: used length");
         let mut data = vec![0u8; len as usize];
         mem.read(buf.iova, &mut data).unwrap();
@@ -90,11 +74,11 @@ fn run(event_idx: bool) {
     // Two writable buffers in one chain are both filled.
     let a = mem.alloc(256, 64).unwrap();
     let b = mem.alloc(256, 64).unwrap();
-    let used = request(&mut vq, &kick, &[(a.iova, 256, true), (b.iova, 256, true)]);
+    let used = run_chain(&mut vq, &kick, &[(a.iova, 256, true), (b.iova, 256, true)]).unwrap();
     assert_eq!(used, 512);
     // A device-readable buffer is not touched and yields nothing.
     mem.fill(a.iova, 256, 0xcc).unwrap();
-    let used = request(&mut vq, &kick, &[(a.iova, 256, false)]);
+    let used = run_chain(&mut vq, &kick, &[(a.iova, 256, false)]).unwrap();
     assert_eq!(used, 0);
     let mut data = vec![0u8; 256];
     mem.read(a.iova, &mut data).unwrap();
@@ -103,7 +87,7 @@ fn run(event_idx: bool) {
     mem.free(b).unwrap();
     // Above the 64 KiB cap: truncated.
     let big = mem.alloc(128 << 10, 4096).unwrap();
-    let used = request(&mut vq, &kick, &[(big.iova, 128 << 10, true)]);
+    let used = run_chain(&mut vq, &kick, &[(big.iova, 128 << 10, true)]).unwrap();
     assert_eq!(used, 64 << 10);
     mem.free(big).unwrap();
     // Many requests in flight at once all complete.

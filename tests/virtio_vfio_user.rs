@@ -14,10 +14,8 @@ use unidev_backends::virtio_rng::{VirtioRng, VIRTIO_ID_RNG};
 use unidev_core::memory::DmaSpace;
 use unidev_core::pci::SharedPciDevice;
 use unidev_core::virtio::{DispatchOptions, LocalVirtio, VirtioPci, VirtioPciOptions};
+use unidev_testkit::{BlkSegment, DriverOptions, NotifyMode, VirtioBlkRequest, VirtioPciDriver};
 use unidev_transports::listener;
-use unidev_transports::vfio_user::virtio_driver::{
-    BlkSegment, DriverOptions, NotifyMode, VirtioBlkRequest, VirtioPciDriver,
-};
 use unidev_transports::vfio_user::{ServerConfig, VfioUserClient, VfioUserServer};
 
 const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;

@@ -16,10 +16,8 @@ use unidev_compat::vhost_user_proxy::{ProxyOptions, VhostUserProxy};
 use unidev_core::dispatch::StopHandle;
 use unidev_core::memory::{DmaSpace, MapRequest, Prot};
 use unidev_core::virtio::{QueueConfig, QueueError, VirtioDevice, VirtioPci, VirtioPciOptions};
+use unidev_testkit::{DriverOptions, VirtioBlkRequest, VirtioPciDriver};
 use unidev_transports::listener;
-use unidev_transports::vfio_user::virtio_driver::{
-    DriverOptions, VirtioBlkRequest, VirtioPciDriver,
-};
 use unidev_transports::vfio_user::{ServerConfig, VfioUserClient, VfioUserServer};
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};

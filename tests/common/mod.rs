@@ -1,5 +1,6 @@
-//! Helpers shared by unidev's integration tests: temp dirs, and the daemon as a child
-//! process.
+//! Helpers shared by unidev's integration tests: temp dirs, the daemon as a child
+//! process, and QEMU guest runs. Tools that drive a device's protocol (the virtio-pci
+//! driver over vfio-user, vhost-user rings) are in `unidev-testkit`.
 #![allow(dead_code)]
 
 use std::io::Read;
@@ -444,110 +445,4 @@ pub fn check_rng_scenario(guest: &GuestRun, daemon_log: &str) {
     for check in ["rng-current-virtio", "hwrng-bytes", "hwrng-random"] {
         assert!(guest.passed(check), "{check} did not pass:\n{}", guest.log);
     }
-}
-
-/// A vhost-user frontend (the `vhost` crate's `Frontend`) driving ring 0 of a device.
-pub struct VhostUserRing {
-    /// The connection.
-    pub fe: vhost::vhost_user::Frontend,
-    /// Virtio features the device offered.
-    pub offered: u64,
-    /// The driver side of ring 0.
-    pub vq: unidev_transports::vfio_user::virtio_driver::Virtqueue,
-    /// Kick eventfd of ring 0.
-    pub kick: vmm_sys_util::eventfd::EventFd,
-    /// Call eventfd of ring 0.
-    pub call: vmm_sys_util::eventfd::EventFd,
-}
-
-/// Connect to `sock`, negotiate `features` (those offered) and `protocol` (NEED_REPLY on
-/// every request if it holds REPLY_ACK), share `mem` as the memory table and start ring 0
-/// with `size` descriptors.
-pub fn vhost_user_ring(
-    sock: &Path,
-    mem: &unidev_transports::vfio_user::virtio_driver::DriverMemory,
-    features: u64,
-    protocol: vhost::vhost_user::message::VhostUserProtocolFeatures,
-    size: u16,
-) -> VhostUserRing {
-    use std::os::fd::AsRawFd;
-    use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
-    use vhost::vhost_user::{Frontend, VhostUserFrontend};
-    use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-    use vm_memory::GuestMemoryBackend;
-    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-
-    const EVENT_IDX: u64 = 1 << 29;
-    let mut fe = Frontend::connect(sock, 1).unwrap();
-    fe.set_owner().unwrap();
-    let offered = fe.get_features().unwrap();
-    fe.set_features(offered & features).unwrap();
-    let pf = fe.get_protocol_features().unwrap();
-    fe.set_protocol_features(pf & protocol).unwrap();
-    if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
-        fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-    }
-    let region = mem.guest_memory().iter().next().unwrap();
-    let mut info = VhostUserMemoryRegionInfo::from_guest_region(region).unwrap();
-    info.mmap_handle = mem.file().as_raw_fd();
-    fe.set_mem_table(&[info]).unwrap();
-    let host = |iova: u64| info.userspace_addr + (iova - mem.iova_base());
-    let event_idx = offered & features & EVENT_IDX != 0;
-    let vq = unidev_transports::vfio_user::virtio_driver::Virtqueue::new(mem, 0, size, event_idx)
-        .unwrap();
-    fe.set_vring_num(0, size).unwrap();
-    fe.set_vring_base(0, 0).unwrap();
-    fe.set_vring_addr(
-        0,
-        &VringConfigData {
-            queue_max_size: size,
-            queue_size: size,
-            flags: 0,
-            desc_table_addr: host(vq.desc_iova()),
-            used_ring_addr: host(vq.used_iova()),
-            avail_ring_addr: host(vq.avail_iova()),
-            log_addr: None,
-        },
-    )
-    .unwrap();
-    let kick = EventFd::new(EFD_NONBLOCK).unwrap();
-    let call = EventFd::new(EFD_NONBLOCK).unwrap();
-    fe.set_vring_call(0, &call).unwrap();
-    fe.set_vring_kick(0, &kick).unwrap();
-    fe.set_vring_enable(0, true).unwrap();
-    VhostUserRing {
-        fe,
-        offered,
-        vq,
-        kick,
-        call,
-    }
-}
-
-/// Submit one virtio-blk request on a vhost-user ring (kicking only if the device asked
-/// for notifications) and wait for it, at most 10 s; its completion.
-pub fn vhost_user_blk_request(
-    mem: &unidev_transports::vfio_user::virtio_driver::DriverMemory,
-    vq: &mut unidev_transports::vfio_user::virtio_driver::Virtqueue,
-    kick: &vmm_sys_util::eventfd::EventFd,
-    req: &unidev_transports::vfio_user::virtio_driver::VirtioBlkRequest,
-) -> unidev_transports::vfio_user::virtio_driver::BlkCompletion {
-    let buf = mem.alloc(req.buffer_len(), 64).unwrap();
-    let placed = req.place(mem, buf.iova).unwrap();
-    let head = vq.add_chain(&placed.chain).unwrap();
-    if vq.kick_prepare().unwrap() {
-        kick.write(1).unwrap();
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let len = loop {
-        if let Some((h, len)) = vq.poll_used().unwrap() {
-            assert_eq!(h, head);
-            break len;
-        }
-        assert!(Instant::now() < deadline, "request timed out");
-        std::thread::sleep(Duration::from_micros(200));
-    };
-    let done = placed.complete(mem, len).unwrap();
-    mem.free(buf).unwrap();
-    done
 }

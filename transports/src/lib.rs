@@ -107,9 +107,9 @@
 //! [`export`] is stable API (`docs/api-stability.md`). The transports' own modules are
 //! public for tests, benchmarks and tools; their server types are stable in what
 //! [`export`] uses of them ([`vfio_user::ServerConfig`], [`listener`],
-//! [`vduse::VdpaDriver`]), the rest — sessions, codecs, the clients
-//! ([`vfio_user::client`], [`vfio_user::virtio_driver`]) and VDUSE internals — is
-//! experimental and may change in any 0.y release.
+//! [`vduse::VdpaDriver`]), the rest — sessions, codecs, the vfio-user client
+//! ([`vfio_user::client`]) and VDUSE internals — is experimental and may change in any
+//! 0.y release.
 //!
 //! [`PciDevice`]: unidev_core::pci::PciDevice
 //! [`VfioUser`]: vfio_user::VfioUser

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use unidev_core::dispatch::StopHandle;
 use unidev_core::memory::DmaSpace;
 use unidev_core::virtio::{DispatchOptions, LocalVirtio};
+use unidev_testkit::{DriverMemory, Virtqueue};
 use unidev_transports::listener;
-use unidev_transports::vfio_user::virtio_driver::{DriverMemory, Virtqueue};
 use unidev_transports::vhost_user::VhostUserServer;
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,

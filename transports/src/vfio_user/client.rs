@@ -1,14 +1,17 @@
-//! A vfio-user client: what a VMM does on the other end of the socket, as a library.
+//! A vfio-user client: what a VMM does on the other end of the socket, as a library for
+//! anyone who wants to drive a vfio-user device without a VMM (tools, diagnostics, tests).
 //!
-//! **Experimental**: a tool for tests, benchmarks and diagnostics; its API may change in
-//! any 0.y release (`docs/api-stability.md`).
+//! **Experimental**: public, but its API may change in any 0.y release
+//! (`docs/api-stability.md`).
 //!
 //! Connects, negotiates VERSION, queries device/region/irq info (with the region fd and
 //! sparse-mmap areas), maps memory (with or without an fd), attaches irq eventfds, does
 //! region reads and writes (posted or acknowledged), resets, and serves the server's
 //! DMA_READ/DMA_WRITE requests while it waits for a reply (vfio-user.rst, client side of
-//! every command). Used by unidev's tests and benchmarks, and usable by anyone who wants
-//! to drive a vfio-user device without a VMM.
+//! every command). It lives in this crate, beside the server, because it is built on the
+//! transport's own wire format ([`super::codec`]) and socket layer ([`super::socket`]).
+//! unidev's tests and benchmarks drive virtio-pci devices with the driver built on it in
+//! the `unidev-testkit` crate (not published).
 
 use std::fs::File;
 use std::io;

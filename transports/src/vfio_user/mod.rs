@@ -8,13 +8,13 @@
 //! * [`session`] — one connection: commands translated into core calls.
 //! * [`server`] — the listening socket and the event loop, one client at a time.
 //! * [`transport`] — the [`VfioUser`] address: vfio-user as a unidev transport.
-//! * [`client`] — the other end, as a library (tests, benchmarks, tools).
-//! * [`virtio_driver`] — a virtio-pci driver on top of the client.
+//! * [`client`] — the other end, as a library: drive a vfio-user device without a VMM
+//!   (the virtio-pci driver of the tests and benchmarks, `unidev-testkit`, is built on it).
 //!
 //! Stability: device authors use [`crate::export`], which takes a [`ServerConfig`] (stable,
 //! with [`DmaRwLayout`]). Everything else here — the server type, the session, codec and
-//! socket, the [`client`] and the [`virtio_driver`] (test and benchmark tools) — is
-//! **experimental** and may change in any 0.y release (`docs/api-stability.md`).
+//! socket, and the [`client`] — is **experimental** and may change in any 0.y release
+//! (`docs/api-stability.md`).
 //!
 //! Differences from the spec text, where QEMU wins (see `DmaRwLayout`): DMA_READ and
 //! DMA_WRITE payload layout, and DMA_WRITE's header-only reply. Twin-socket mode is not
@@ -29,7 +29,6 @@ pub mod server;
 pub mod session;
 pub mod socket;
 pub mod transport;
-pub mod virtio_driver;
 
 pub use client::VfioUserClient;
 pub use codec::DmaRwLayout;

@@ -11,9 +11,10 @@
 //! each in blocking mode (device workers sleep on the kick eventfd, the driver sleeps on
 //! the interrupt eventfd) and in adaptive-polling mode (both poll for [`POLL_BUDGET`]
 //! after each event before sleeping; the stock daemon cannot poll, so only its driver
-//! does). The driver side is unidev's virtio driver library in this process: split
-//! rings with EVENT_IDX, over vfio-user (`VirtioPciDriver`) or as a vhost-user frontend
-//! (the `vhost` crate's `Frontend`, with the library's `DriverMemory` and `Virtqueue`).
+//! does). The driver side is unidev's virtio driver library (`unidev-testkit`) in this
+//! process: split rings with EVENT_IDX, over vfio-user (`VirtioPciDriver`) or as a
+//! vhost-user frontend (the `vhost` crate's `Frontend`, with the library's `DriverMemory`
+//! and `Virtqueue`).
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
@@ -24,11 +25,11 @@ use unidev_backends::virtio_blk::{BlkOptions, VirtioBlk, VIRTIO_ID_BLOCK};
 use unidev_core::dispatch::StopHandle;
 use unidev_core::memory::DmaSpace;
 use unidev_core::virtio::{DispatchOptions, LocalVirtio, VirtioPci, VirtioPciOptions};
-use unidev_transports::listener;
-use unidev_transports::vfio_user::virtio_driver::{
+use unidev_testkit::{
     DriverError, DriverMemory, DriverOptions, NotifyMode, VirtioBlkRequest, VirtioPciDriver,
     Virtqueue,
 };
+use unidev_transports::listener;
 use unidev_transports::vfio_user::{ServerConfig, VfioUserClient, VfioUserServer};
 use unidev_transports::vhost_user::VhostUserServer;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;

@@ -1,14 +1,15 @@
 //! The report of a run: `bench.md` (the machine, how the run was placed, one table per
 //! section with medians, spread and ratios to floors and peers, and the targets met or
 //! missed), `bench.json` (every repetition) and `bench.svg` (latency and IOPS per
-//! transport).
+//! transport, drawn by [`super::svg`]).
 
 use std::fmt::Write as _;
 use std::path::Path;
 
 use serde::Serialize;
 
-use super::{Kind, Row, Section};
+use super::numbers::{fmt_ns, fmt_rate, fmt_ratio, fmt_value};
+use super::{Row, Section};
 
 /// How the run went, for the report's header.
 #[derive(Serialize)]
@@ -71,49 +72,6 @@ pub fn machine() -> String {
             .map(|s| s.trim().to_string())
             .unwrap_or_default();
     format!("{model}, {cpus} CPUs, {mem_gib:.0} GiB RAM, Linux {kernel}, clocksource {clock}")
-}
-
-/// `ns` as "850 ns" / "12.3 µs" / "4.56 ms".
-pub fn fmt_ns(ns: f64) -> String {
-    if ns < 1_000.0 {
-        format!("{ns:.0} ns")
-    } else if ns < 1_000_000.0 {
-        format!("{:.2} µs", ns / 1e3)
-    } else {
-        format!("{:.2} ms", ns / 1e6)
-    }
-}
-
-/// A rate as "123.4 k/s" or "1.23 M/s".
-pub fn fmt_rate(r: f64) -> String {
-    if r >= 1e6 {
-        format!("{:.2} M/s", r / 1e6)
-    } else if r >= 1e3 {
-        format!("{:.1} k/s", r / 1e3)
-    } else {
-        format!("{r:.0} /s")
-    }
-}
-
-fn fmt_value(row: &Row, v: f64) -> String {
-    match row.kind {
-        Kind::Latency => fmt_ns(v),
-        Kind::Rate => fmt_rate(v),
-        Kind::Value { unit } => {
-            if v.abs() >= 100.0 || v == v.trunc() {
-                format!("{v:.0} {unit}")
-            } else {
-                format!("{v:.2} {unit}")
-            }
-        }
-    }
-}
-
-fn fmt_ratio(r: Option<f64>) -> String {
-    match r {
-        Some(r) => format!("{r:.2}×"),
-        None => "—".into(),
-    }
 }
 
 /// A limit on a row: against another row (a ratio of costs) or an absolute value.

@@ -10,7 +10,7 @@
 
 use std::fmt::Write as _;
 
-use super::report::{fmt_ns, fmt_rate};
+use super::numbers::{fmt_ns, fmt_rate};
 use super::Row;
 
 const WIDTH: f64 = 980.0;

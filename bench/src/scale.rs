@@ -1,8 +1,9 @@
-//! Scale: many idle devices in one daemon. `unidev run` (this binary) is started with a
-//! devices file of N virtio-blk devices over vfio-user, pinned to the device CPU; the
-//! run measures the time from spawn until every socket accepts a connection, then (the
-//! connections closed, the daemon idle) its resident memory and thread count from
-//! /proc. Per-device costs are the difference between 64 devices and 1, over 63.
+//! Scale: many idle devices in one daemon. `unidev run` (the `unidev` binary that
+//! [`find_daemon`](super::find_daemon) found) is started with a devices file of N
+//! virtio-blk devices over vfio-user, pinned to the device CPU; the run measures the time
+//! from spawn until every socket accepts a connection, then (the connections closed, the
+//! daemon idle) its resident memory and thread count from /proc. Per-device costs are the
+//! difference between 64 devices and 1, over 63.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -48,8 +49,14 @@ fn status_field(pid: u32, field: &str) -> Result<f64, String> {
         .ok_or_else(|| format!("no {field} in /proc/{pid}/status"))
 }
 
-/// Start a daemon with `devices` idle virtio-blk devices and measure it.
-pub fn footprint(place: &Placement, dir: &Path, devices: usize) -> Result<DaemonFootprint, String> {
+/// Start `daemon` (the `unidev` binary) with `devices` idle virtio-blk devices and
+/// measure it.
+pub fn footprint(
+    place: &Placement,
+    dir: &Path,
+    daemon: &Path,
+    devices: usize,
+) -> Result<DaemonFootprint, String> {
     let image = dir.join("scale.img");
     if !image.exists() {
         std::fs::File::create(&image)
@@ -70,12 +77,17 @@ pub fn footprint(place: &Placement, dir: &Path, devices: usize) -> Result<Daemon
     }
     let config = dir.join(format!("scale-{devices}.toml"));
     std::fs::write(&config, toml).map_err(|e| format!("{}: {e}", config.display()))?;
-    // This very binary, copied once: the file at current_exe() may be rebuilt (and
-    // replaced) while a long run goes on, but /proc/self/exe stays readable.
+    // The daemon, copied once: the file may be rebuilt (and replaced) while a long run
+    // goes on, and every repetition must measure the same binary.
     let exe = dir.join("unidev-under-test");
     if !exe.exists() {
-        std::fs::copy("/proc/self/exe", &exe)
-            .map_err(|e| format!("cannot copy this binary to {}: {e}", exe.display()))?;
+        std::fs::copy(daemon, &exe).map_err(|e| {
+            format!(
+                "cannot copy the daemon {} to {}: {e}",
+                daemon.display(),
+                exe.display()
+            )
+        })?;
     }
     let started = Instant::now();
     let child = place

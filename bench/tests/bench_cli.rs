@@ -1,12 +1,67 @@
-//! `unidev bench --quick` runs every section and writes a well-formed report: a Markdown
+//! `unidev-bench --quick` runs every section and writes a well-formed report: a Markdown
 //! file whose tables are rectangular and name every row, JSON whose rows all have
 //! finite measurements, and an SVG with a bar per data-path row. The numbers themselves
 //! are never checked (they belong to the machine, not to the code).
+//!
+//! The scale section starts the `unidev` daemon, which another package builds: the tests
+//! build it (or find it up to date) into the benchmark's own target directory, where the
+//! benchmark looks for it.
 
-mod common;
-
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+
+/// A fresh directory for one test.
+fn test_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("unidev-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The benchmark binary cargo built for these tests.
+fn bench_bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_unidev-bench"))
+}
+
+/// The `unidev` daemon beside [`bench_bin`], built by cargo first (once per test process;
+/// a no-op when it is up to date): cargo builds only this package's binaries for its
+/// tests, and `cargo test -p unidev-bench` alone would otherwise find none, or an old one.
+fn daemon_bin() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let profile_dir = bench_bin().parent().expect("the benchmark's directory");
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("the workspace root");
+        let mut cargo = Command::new(env!("CARGO"));
+        cargo
+            .args(["build", "--quiet", "-p", "unidev", "--bin", "unidev"])
+            .current_dir(workspace);
+        if profile_dir.file_name().is_some_and(|p| p == "release") {
+            cargo.arg("--release");
+        }
+        if let Some(target_dir) = profile_dir.parent() {
+            cargo.arg("--target-dir").arg(target_dir);
+        }
+        assert!(
+            cargo.status().unwrap().success(),
+            "cannot build the unidev daemon"
+        );
+        let daemon = profile_dir.join("unidev");
+        assert!(daemon.is_file(), "no daemon at {}", daemon.display());
+        daemon
+    })
+}
+
+/// `unidev-bench` with `args`, finding the daemon beside itself as a user's run does.
+fn bench(args: &[&str]) -> Command {
+    daemon_bin();
+    let mut cmd = Command::new(bench_bin());
+    cmd.args(args).env_remove("UNIDEV_BIN");
+    cmd
+}
 
 /// Rows every run must produce (per backend and mode, the data path has 4 transports).
 fn expected_keys() -> Vec<String> {
@@ -77,14 +132,15 @@ fn check_tables(md: &str) {
 
 #[test]
 fn quick_run_writes_a_well_formed_report() {
-    let dir = common::test_dir("bench-quick");
+    let dir = test_dir("bench-quick");
     let out = dir.join("report");
+    // Built (or found up to date) before the clock starts.
+    daemon_bin();
     let started = Instant::now();
-    let run = Command::new(common::unidev_bin())
-        .args(["bench", "--quick", "--out"])
+    let run = bench(&["--quick", "--out"])
         .arg(&out)
         .output()
-        .expect("unidev bench starts");
+        .expect("unidev-bench starts");
     let took = started.elapsed();
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "bench failed: {stderr}");
@@ -166,10 +222,9 @@ fn quick_run_writes_a_well_formed_report() {
 
 #[test]
 fn one_section_and_bad_options() {
-    let dir = common::test_dir("bench-section");
+    let dir = test_dir("bench-section");
     let out = dir.join("report");
-    let run = Command::new(common::unidev_bin())
-        .args(["bench", "--quick", "--section", "memory", "--out"])
+    let run = bench(&["--quick", "--section", "memory", "--out"])
         .arg(&out)
         .output()
         .unwrap();
@@ -178,11 +233,44 @@ fn one_section_and_bad_options() {
     assert!(md.contains("## Memory layer") && !md.contains("## Data path"));
     check_tables(&md);
 
-    let bad = Command::new(common::unidev_bin())
-        .args(["bench", "--section", "everything"])
-        .output()
-        .unwrap();
+    let bad = bench(&["--section", "everything"]).output().unwrap();
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--section"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_missing_daemon_is_a_clear_error_naming_both_ways_to_give_it() {
+    let dir = test_dir("bench-no-daemon");
+    let missing = dir.join("no-such-unidev");
+    let out = dir.join("report");
+    let by_flag = Command::new(bench_bin())
+        .args(["--quick", "--section", "scale", "--daemon"])
+        .arg(&missing)
+        .arg("--out")
+        .arg(&out)
+        .env_remove("UNIDEV_BIN")
+        .output()
+        .unwrap();
+    let by_env = Command::new(bench_bin())
+        .args(["--quick", "--section", "scale", "--out"])
+        .arg(&out)
+        .env("UNIDEV_BIN", &missing)
+        .output()
+        .unwrap();
+    for (run, from) in [(by_flag, "from --daemon"), (by_env, "from UNIDEV_BIN")] {
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(!run.status.success(), "{stderr}");
+        for part in [
+            &missing.display().to_string(),
+            from,
+            "--daemon PATH",
+            "UNIDEV_BIN=PATH",
+        ] {
+            assert!(stderr.contains(part), "no {part:?} in: {stderr}");
+        }
+    }
+    // Nothing ran: no report.
+    assert!(!out.join("bench.md").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }

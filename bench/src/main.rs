@@ -1,34 +1,52 @@
-//! `unidev bench`: every transport side by side on the same backend, against the floors
+//! `unidev-bench`: every transport side by side on the same backend, against the floors
 //! (what the machine needs for the same hand-offs with nothing of unidev in between) and
 //! the peers (rust-vmm's vfio-user server, vhost-user-backend's stock daemon), in one
 //! run, with every row pinned the same way ([`pin`]).
+//!
+//! A binary of its own, not a subcommand of the daemon: it links the peers it measures
+//! against (rust-vmm's `vfio_user` and `vfio-bindings`) and the virtio driver it measures
+//! with, which the shipped `unidev` binary must not carry. Its scale section starts that
+//! daemon as a child ([`scale`], [`find_daemon`]).
 //!
 //! Sections: floors and control path ([`control`]), data path ([`datapath`]), memory
 //! layer ([`memory`]) and scale ([`scale`]). Each section is a list of cases; the
 //! repetitions run round-robin over the cases (case 1, case 2, ..., case 1, ...), so a
 //! burst of load elsewhere on the machine spreads over every row instead of sinking one.
-//! [`report`] writes the Markdown table, the JSON data and the SVG plot.
+//! [`report`] writes the Markdown table and the JSON data, [`svg`] the plot, both with
+//! the number formats of [`numbers`].
 
 mod control;
 mod datapath;
 mod floors;
 mod memory;
+mod numbers;
 mod pin;
 mod report;
 mod scale;
 mod stats;
 mod svg;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::time::Instant;
 
-use clap::{Args, ValueEnum};
+use clap::{Parser, ValueEnum};
+use log::error;
 use serde::Serialize;
 
 use pin::Placement;
 
-/// `unidev bench` options.
-#[derive(Args, Debug)]
+/// The environment variable naming the daemon binary, when `--daemon` is not given.
+const DAEMON_ENV: &str = "UNIDEV_BIN";
+
+/// `unidev-bench` options.
+#[derive(Parser, Debug)]
+#[command(
+    name = "unidev-bench",
+    version,
+    about = "Measure every transport side by side (floors, peers, control and data path, \
+             memory layer, scale) and write a Markdown/JSON/SVG report"
+)]
 pub struct BenchArgs {
     /// Fewer and shorter repetitions: finishes in under a minute (what CI runs).
     #[arg(long)]
@@ -43,6 +61,10 @@ pub struct BenchArgs {
     /// profiling a row; the floors and peers it is compared with may then be missing).
     #[arg(long)]
     pub only: Option<String>,
+    /// The `unidev` daemon the scale section starts (default: $UNIDEV_BIN, else the
+    /// `unidev` beside this executable, as cargo builds them into one target directory).
+    #[arg(long, value_name = "PATH")]
+    pub daemon: Option<PathBuf>,
 }
 
 /// A part of the suite.
@@ -263,6 +285,9 @@ pub struct Settings {
     pub work_dir: PathBuf,
     /// `--only`.
     pub only: Option<String>,
+    /// The daemon the scale section starts ([`find_daemon`]; found before any section
+    /// runs when scale is one of them).
+    pub daemon: Option<PathBuf>,
 }
 
 impl Settings {
@@ -651,9 +676,13 @@ fn scale_out(bench: &mut Bench) {
             Kind::Value { unit: "threads" },
         ),
     ];
+    let daemon = bench.settings.daemon.clone();
     let case = Case::multi(specs, move || {
-        let one = scale::footprint(&place, &dir, 1)?;
-        let many = scale::footprint(&place, &dir, DEVICES)?;
+        let daemon = daemon
+            .as_deref()
+            .ok_or("no unidev daemon to start (--daemon PATH)")?;
+        let one = scale::footprint(&place, &dir, daemon, 1)?;
+        let many = scale::footprint(&place, &dir, daemon, DEVICES)?;
         let per = |a: f64, b: f64| (a - b) / (DEVICES - 1) as f64;
         Ok(vec![
             Measured::Value(many.accept_ms),
@@ -668,12 +697,59 @@ fn scale_out(bench: &mut Bench) {
     bench.run_cases(Section::Scale, vec![case]);
 }
 
-/// `unidev bench`.
+/// The `unidev` daemon the scale section starts: `--daemon PATH`, else `$UNIDEV_BIN`,
+/// else the `unidev` beside this executable (cargo builds both binaries into one target
+/// directory). Fails, naming the path it looked at and both ways to name another, when
+/// there is no such file.
+fn find_daemon(flag: Option<&Path>) -> Result<PathBuf, String> {
+    let env = std::env::var_os(DAEMON_ENV).filter(|v| !v.is_empty());
+    let (path, from) = match (flag, env) {
+        (Some(p), _) => (p.to_path_buf(), "from --daemon".to_string()),
+        (None, Some(p)) => (PathBuf::from(p), format!("from {DAEMON_ENV}")),
+        (None, None) => {
+            let exe = std::env::current_exe().map_err(|e| {
+                format!(
+                    "cannot locate this executable to find the unidev daemon beside it ({e}); \
+                     name the daemon with --daemon PATH or {DAEMON_ENV}=PATH"
+                )
+            })?;
+            (
+                exe.with_file_name("unidev"),
+                "beside this executable".to_string(),
+            )
+        }
+    };
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(format!(
+            "the scale section starts the unidev daemon, and there is none at {} ({from}): \
+             build it (cargo build --release -p unidev) or name it with --daemon PATH or \
+             {DAEMON_ENV}=PATH",
+            path.display()
+        ))
+    }
+}
+
+/// `unidev-bench`.
 pub fn run(args: BenchArgs) -> Result<(), String> {
     if std::env::var_os("RUST_LOG").is_none() {
         // The servers log every connection at info; keep the run's output readable.
         log::set_max_level(log::LevelFilter::Warn);
     }
+    let sections: Vec<Section> = if args.sections.is_empty() {
+        Section::ALL.to_vec()
+    } else {
+        Section::ALL
+            .into_iter()
+            .filter(|s| args.sections.contains(s))
+            .collect()
+    };
+    let daemon = if sections.contains(&Section::Scale) {
+        Some(find_daemon(args.daemon.as_deref())?)
+    } else {
+        None
+    };
     let placement = Placement::detect().map_err(|e| format!("cannot read CPU affinity: {e}"))?;
     let scratch_root = if std::path::Path::new("/dev/shm").is_dir() {
         PathBuf::from("/dev/shm")
@@ -685,14 +761,6 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         .map_err(|e| format!("cannot create {}: {e}", work_dir.display()))?;
     std::fs::create_dir_all(&args.out)
         .map_err(|e| format!("cannot create {}: {e}", args.out.display()))?;
-    let sections: Vec<Section> = if args.sections.is_empty() {
-        Section::ALL.to_vec()
-    } else {
-        Section::ALL
-            .into_iter()
-            .filter(|s| args.sections.contains(s))
-            .collect()
-    };
     let mut bench = Bench {
         settings: Settings {
             quick: args.quick,
@@ -700,6 +768,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
             placement,
             work_dir: work_dir.clone(),
             only: args.only.clone(),
+            daemon,
         },
         rows: Vec::new(),
     };
@@ -738,6 +807,18 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match run(BenchArgs::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            eprintln!("unidev-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[cfg(test)]
