@@ -27,7 +27,7 @@ use vmm_sys_util::event::{
 };
 
 /// Virtio device ID of an entropy device.
-pub use unidev_core::virtio::spec::VIRTIO_ID_RNG;
+pub const VIRTIO_ID_RNG: u32 = unidev_core::virtio::spec::VIRTIO_ID_RNG;
 /// Most bytes handed out per request.
 const MAX_REQUEST: usize = 64 * 1024;
 const QUEUE_SIZE: usize = 256;

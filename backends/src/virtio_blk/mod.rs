@@ -71,7 +71,7 @@ use self::request::{
 };
 
 /// Virtio device ID of a block device.
-pub use unidev_core::virtio::spec::VIRTIO_ID_BLOCK;
+pub const VIRTIO_ID_BLOCK: u32 = unidev_core::virtio::spec::VIRTIO_ID_BLOCK;
 
 const SECTOR_SHIFT: u32 = 9;
 const SECTOR_SIZE: u64 = 1 << SECTOR_SHIFT;
