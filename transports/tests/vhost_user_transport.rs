@@ -679,6 +679,36 @@ fn status_is_kept_and_zero_resets_the_device() {
     assert_eq!(get_status(&mut raw), 0xf);
 }
 
+/// SET_STATUS follows the rules every transport shares (`unidev_core::virtio::spec`):
+/// FEATURES_OK needs VIRTIO_F_VERSION_1 among the negotiated features, DRIVER_OK needs
+/// FEATURES_OK, and a driver cannot clear bits without a reset.
+#[test]
+fn status_follows_the_shared_rules() {
+    let rig = Rig::start("status-rules");
+    let stream = UnixStream::connect(&rig.sock).unwrap();
+    let mut raw = stream.try_clone().unwrap();
+    let mut fe = Frontend::from_stream(stream, 8);
+    fe.set_owner().unwrap();
+    fe.get_features().unwrap();
+    let pf = fe.get_protocol_features().unwrap();
+    fe.set_protocol_features(pf).unwrap();
+    fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    // Negotiated without VERSION_1: FEATURES_OK is refused and not kept.
+    fe.set_features(PROTOCOL_FEATURES).unwrap();
+    assert_ne!(set_status(&mut raw, 0xb), 0);
+    assert_eq!(get_status(&mut raw), 0x3);
+    // DRIVER_OK without FEATURES_OK is not kept either.
+    assert_ne!(set_status(&mut raw, 0x7), 0);
+    assert_eq!(get_status(&mut raw), 0x3);
+    // With VERSION_1 it is.
+    fe.set_features(VERSION_1 | PROTOCOL_FEATURES).unwrap();
+    assert_eq!(set_status(&mut raw, 0xb), 0);
+    assert_eq!(set_status(&mut raw, 0xf), 0);
+    // Clearing bits without a reset: refused, the bits stay.
+    assert_ne!(set_status(&mut raw, 0x1), 0);
+    assert_eq!(get_status(&mut raw), 0xf);
+}
+
 #[test]
 fn a_ring_that_cannot_start_reports_needs_reset() {
     let rig = Rig::start("needs-reset");

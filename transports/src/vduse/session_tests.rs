@@ -535,3 +535,18 @@ fn a_takeover_whose_used_ring_is_not_mapped_ends_the_server_with_an_error() {
     assert!(err.to_string().contains("not mapped"), "{err}");
     assert!(h.device.log.lock().unwrap().started.is_empty());
 }
+
+#[test]
+fn status_writes_follow_the_shared_rules() {
+    let mut h = Harness::start(FakeDevice::new());
+    // DRIVER_OK without FEATURES_OK: answered, kept out, no queue started.
+    assert_eq!(h.status(0x07), VDUSE_REQ_RESULT_OK);
+    assert!(h.device.log.lock().unwrap().started.is_empty());
+    assert_eq!(h.status(0x0b), VDUSE_REQ_RESULT_OK);
+    assert_eq!(h.status(0x0f), VDUSE_REQ_RESULT_OK);
+    assert!(!h.device.log.lock().unwrap().started.is_empty());
+    // A driver clearing bits without a reset stops nothing.
+    assert_eq!(h.status(0x03), VDUSE_REQ_RESULT_OK);
+    assert!(h.device.log.lock().unwrap().stopped.is_empty());
+    h.stop().unwrap();
+}

@@ -330,3 +330,44 @@ fn with_msix_enabled_the_vector_eventfd_is_the_call_fd() {
         "the backend's signal reached the vector's eventfd directly"
     );
 }
+
+/// The device status follows the rules every transport shares (`virtio::spec`):
+/// DRIVER_OK without FEATURES_OK starts nothing and is not kept, a driver cannot clear
+/// bits without a reset, FAILED stops the running queues.
+#[test]
+fn status_writes_follow_the_shared_rules() {
+    use status::{ACKNOWLEDGE, DRIVER, DRIVER_OK, FAILED, FEATURES_OK};
+    let (mut p, rec) = make(false);
+    w8(&mut p, 0x14, ACKNOWLEDGE | DRIVER);
+    w32(&mut p, 0x08, 1);
+    w32(&mut p, 0x0c, 1);
+    w16(&mut p, 0x16, 0);
+    w32(&mut p, 0x20, 0x1000);
+    w32(&mut p, 0x28, 0x2000);
+    w32(&mut p, 0x30, 0x3000);
+    w16(&mut p, 0x1c, 1);
+    w8(&mut p, 0x14, ACKNOWLEDGE | DRIVER | DRIVER_OK);
+    assert_eq!(r8(&mut p, 0x14), ACKNOWLEDGE | DRIVER, "DRIVER_OK not kept");
+    assert!(!rec.events().iter().any(|e| e.starts_with("start")));
+    let running = ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK;
+    w8(&mut p, 0x14, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+    w8(&mut p, 0x14, running);
+    assert_eq!(r8(&mut p, 0x14), running);
+    assert!(rec.events().iter().any(|e| e.starts_with("start 0")));
+    // Clearing bits without a reset: they stay set, nothing stops.
+    w8(&mut p, 0x14, ACKNOWLEDGE);
+    assert_eq!(r8(&mut p, 0x14), running);
+    assert!(!rec.events().iter().any(|e| e.starts_with("stop")));
+    // FAILED: the driver gave up; the queues stop, the status shows it.
+    w8(&mut p, 0x14, running | FAILED);
+    assert_eq!(r8(&mut p, 0x14), running | FAILED);
+    assert!(
+        rec.events().contains(&"stop 0".to_string()),
+        "{:?}",
+        rec.events()
+    );
+    // Enabling another queue now starts nothing: the device does not run.
+    w16(&mut p, 0x16, 1);
+    w16(&mut p, 0x1c, 1);
+    assert!(!rec.events().iter().any(|e| e.starts_with("start 1")));
+}
