@@ -12,6 +12,7 @@
 //! Devices come from one registry (`devices/`), transports from the transports crate's
 //! list (`unidev_transports::transport::TRANSPORTS`): neither is named here.
 
+use std::ffi::OsString;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -136,59 +137,60 @@ enum LayoutArg {
     Spec,
 }
 
-/// `unidev serve`: the daemon's options (accepted before or after the device name) and
-/// the device with its own options.
+/// `unidev serve`: the daemon's options and the device with its own options. The daemon's
+/// options may also follow the device name: [`daemon_options_first`] moves them in front
+/// of it before clap parses, so these rules (conflicts included) hold for either order.
 #[derive(Args)]
 struct ServeArgs {
     /// Transport to export the device over.
-    #[arg(long, global = true, value_parser = transport_parser())]
-    transport: Option<String>,
+    #[arg(long, value_parser = transport_parser())]
+    transport: String,
     /// Path of the listening socket (created; an old socket there is replaced).
-    #[arg(long, global = true, conflicts_with = "fd")]
+    #[arg(long, conflicts_with = "fd")]
     socket_path: Option<PathBuf>,
     /// Serve an inherited, already-listening socket instead (socket activation).
-    #[arg(long, global = true)]
+    #[arg(long)]
     fd: Option<i32>,
     /// Permission bits of the socket, in octal.
-    #[arg(long, global = true, default_value = "0600", value_parser = parse_mode)]
+    #[arg(long, default_value = "0600", value_parser = parse_mode)]
     socket_mode: u32,
     /// Group of the socket (a name or a numeric gid), for a client running as another
     /// user in that group (with --socket-mode 0660).
-    #[arg(long, global = true, value_parser = parse_group)]
+    #[arg(long, value_parser = parse_group)]
     socket_group: Option<u32>,
     /// Serve only clients running as this uid (SO_PEERCRED); repeat to allow several.
     /// Others are refused and logged.
-    #[arg(long = "allow-uid", global = true, value_name = "UID")]
+    #[arg(long = "allow-uid", value_name = "UID")]
     allow_uids: Vec<u32>,
     /// Cap on the client's DMA maps.
-    #[arg(long, global = true, default_value_t = unidev_core::memory::DEFAULT_MAX_MAPS)]
+    #[arg(long, default_value_t = unidev_core::memory::DEFAULT_MAX_MAPS)]
     max_dma_maps: usize,
     /// Most file descriptors accepted per message (QEMU accepts at most 16).
-    #[arg(long, global = true, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=253))]
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=253))]
     max_msg_fds: u32,
     /// Largest data transfer per message, in bytes.
-    #[arg(long, global = true, default_value_t = 1 << 20, value_parser = clap::value_parser!(u32).range(8..=(64 << 20)))]
+    #[arg(long, default_value_t = 1 << 20, value_parser = clap::value_parser!(u32).range(8..=(64 << 20)))]
     max_data_xfer_size: u32,
     /// Layout of DMA_READ/DMA_WRITE payloads for maps without an fd.
-    #[arg(long, global = true, value_enum, default_value = "qemu")]
+    #[arg(long, value_enum, default_value = "qemu")]
     dma_rw_layout: LayoutArg,
     /// Seconds a client may stall inside a message before it is dropped.
-    #[arg(long, global = true, default_value_t = 10)]
+    #[arg(long, default_value_t = 10)]
     io_timeout_secs: u64,
     /// Seccomp filter of the threads that handle guest data (vring workers, interrupt
     /// relays, the VDUSE thread): off, log (calls outside the allow-list are logged by
     /// the kernel) or kill (they kill the daemon with SIGSYS).
-    #[arg(long, global = true, value_enum, default_value = "off")]
+    #[arg(long, value_enum, default_value = "off")]
     seccomp: SeccompArg,
     /// VDUSE: the device name (/dev/vduse/NAME, and the vDPA device's name).
-    #[arg(long, global = true, conflicts_with_all = ["socket_path", "fd"])]
+    #[arg(long, conflicts_with_all = ["socket_path", "fd"])]
     name: Option<String>,
     /// VDUSE: add the device to the vDPA bus (as `vdpa dev add` does) bound to this
     /// driver; it is removed again on shutdown. Without it, attach it yourself.
-    #[arg(long, global = true, value_enum)]
+    #[arg(long, value_enum)]
     attach: Option<AttachArg>,
     /// VDUSE: the control device.
-    #[arg(long, global = true, default_value = DEFAULT_CONTROL_PATH)]
+    #[arg(long, default_value = DEFAULT_CONTROL_PATH)]
     vduse_control: PathBuf,
     #[command(subcommand)]
     device: DeviceChoice,
@@ -281,6 +283,86 @@ fn install_signal_handlers(stops: Vec<StopHandle>) -> io::Result<()> {
     Ok(())
 }
 
+/// `unidev serve`'s daemon options may come before or after the device name, as a user
+/// types them (`unidev serve virtio-blk --file F --transport vhost-user --socket-path S`).
+/// clap wants a subcommand's parent options before it, so every daemon option that
+/// follows the device name is moved, with its value, in front of the name; the device's
+/// own options stay where they are. Anything that does not parse is left for clap to
+/// report.
+fn daemon_options_first(argv: Vec<OsString>) -> Vec<OsString> {
+    if argv.get(1).and_then(|a| a.to_str()) != Some("serve") {
+        return argv;
+    }
+    let daemon = long_options(&ServeArgs::augment_args(clap::Command::new("serve")));
+    // Where the device name is: the first word that is not a daemon option or its value.
+    let mut at = 2;
+    let kind = loop {
+        let Some(word) = argv.get(at).and_then(|a| a.to_str()) else {
+            return argv;
+        };
+        if word == "--" {
+            return argv;
+        }
+        match option_name(word) {
+            Some((name, inline)) => {
+                let takes_value = daemon.get(name).copied().unwrap_or(false);
+                at += if takes_value && !inline { 2 } else { 1 };
+            }
+            None if word.starts_with('-') => at += 1,
+            None => match devices::kind_named(word) {
+                Some(kind) => break kind,
+                None => return argv,
+            },
+        }
+    };
+    let device = long_options(&kind.command());
+    let (mut hoisted, mut kept) = (Vec::new(), Vec::new());
+    let mut rest = argv[at + 1..].iter();
+    while let Some(arg) = rest.next() {
+        let Some((name, inline)) = arg.to_str().and_then(option_name) else {
+            if arg == "--" {
+                kept.push(arg.clone());
+                kept.extend(rest.by_ref().cloned());
+            } else {
+                kept.push(arg.clone());
+            }
+            continue;
+        };
+        let (to, takes_value) = match (device.get(name), daemon.get(name)) {
+            (Some(&takes), _) => (&mut kept, takes),
+            (None, Some(&takes)) => (&mut hoisted, takes),
+            (None, None) => (&mut kept, false),
+        };
+        to.push(arg.clone());
+        if takes_value && !inline {
+            if let Some(value) = rest.next() {
+                to.push(value.clone());
+            }
+        }
+    }
+    let mut out = argv[..at].to_vec();
+    out.extend(hoisted);
+    out.push(argv[at].clone());
+    out.extend(kept);
+    out
+}
+
+/// `--name` or `--name=value`: the name, and whether the value is inline.
+fn option_name(word: &str) -> Option<(&str, bool)> {
+    let long = word.strip_prefix("--").filter(|l| !l.is_empty())?;
+    Some(match long.split_once('=') {
+        Some((name, _)) => (name, true),
+        None => (long, false),
+    })
+}
+
+/// A command's long options, and whether each takes a value.
+fn long_options(cmd: &clap::Command) -> std::collections::HashMap<String, bool> {
+    cmd.get_arguments()
+        .filter_map(|a| Some((a.get_long()?.to_string(), a.get_action().takes_values())))
+        .collect()
+}
+
 /// The export options `serve` was given.
 fn serve_options(args: &ServeArgs, device: &dyn Device) -> ExportOptions {
     let mut options = ExportOptions::default()
@@ -347,9 +429,7 @@ fn export(
 /// to the vDPA bus; on SIGTERM/SIGINT it is detached first (while its requests are still
 /// served: the driver resets the device on removal), then destroyed.
 fn serve(args: ServeArgs) -> Result<(), String> {
-    let Some(transport) = args.transport.as_deref() else {
-        return Err(format!("--transport is required ({})", transport_names()));
-    };
+    let transport = args.transport.as_str();
     let transport = transport_named(transport)
         .ok_or_else(|| format!("unknown transport {transport:?} ({})", transport_names()))?;
     let device = &*args.device.0;
@@ -574,7 +654,7 @@ fn demo() -> Result<(), String> {
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(daemon_options_first(std::env::args_os().collect()));
     let result = match cli.command {
         Some(Command::Serve(args)) => serve(args),
         Some(Command::Run { config }) => run(&config),
@@ -601,8 +681,12 @@ mod tests {
     }
 
     fn serve_args(argv: &[&str]) -> Result<ServeArgs, String> {
+        let argv = std::iter::once("unidev")
+            .chain(argv.iter().copied())
+            .map(OsString::from)
+            .collect();
         let matches = Cli::command()
-            .try_get_matches_from(std::iter::once("unidev").chain(argv.iter().copied()))
+            .try_get_matches_from(daemon_options_first(argv))
             .map_err(|e| e.to_string())?;
         match Cli::from_arg_matches(&matches)
             .map_err(|e| e.to_string())?
@@ -648,7 +732,7 @@ mod tests {
             ],
         ] {
             let args = serve_args(argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
-            assert_eq!(args.transport.as_deref(), Some("vhost-user"), "{argv:?}");
+            assert_eq!(args.transport, "vhost-user", "{argv:?}");
             assert_eq!(args.socket_path, Some(PathBuf::from("/s")), "{argv:?}");
             assert_eq!(args.device.0.kind(), "virtio-blk", "{argv:?}");
         }
@@ -670,6 +754,108 @@ mod tests {
         assert_eq!(args.name.as_deref(), Some("d0"));
         assert_eq!(args.attach, Some(AttachArg::VirtioVdpa));
         assert_eq!(args.seccomp, SeccompArg::Kill);
+    }
+
+    /// The rules hold whichever side of the device name the options are on.
+    #[test]
+    fn conflicts_across_the_device_name_are_refused() {
+        for argv in [
+            &[
+                "serve",
+                "--transport",
+                "vfio-user",
+                "--socket-path",
+                "/s",
+                "gpio",
+                "--fd",
+                "3",
+            ][..],
+            &[
+                "serve",
+                "--transport",
+                "vduse",
+                "--name",
+                "d0",
+                "virtio-blk",
+                "--file",
+                "/f",
+                "--socket-path",
+                "/s",
+            ],
+            &[
+                "serve",
+                "gpio",
+                "--socket-path",
+                "/s",
+                "--fd",
+                "3",
+                "--transport",
+                "vfio-user",
+            ],
+        ] {
+            let e = serve_args(argv)
+                .err()
+                .unwrap_or_else(|| panic!("{argv:?} accepted"));
+            assert!(e.contains("cannot be used with"), "{argv:?}: {e}");
+        }
+        // Repeated options add up wherever they are.
+        let args = serve_args(&[
+            "serve",
+            "--transport",
+            "vfio-user",
+            "--socket-path",
+            "/s",
+            "--allow-uid",
+            "1",
+            "gpio",
+            "--allow-uid",
+            "2",
+            "--inputs",
+            "0x5",
+        ])
+        .unwrap();
+        assert_eq!(args.allow_uids, [1, 2]);
+        // A value that looks like a device name stays the option's value.
+        let args = serve_args(&[
+            "serve",
+            "--socket-path",
+            "gpio",
+            "virtio-rng",
+            "--transport",
+            "vhost-user",
+        ])
+        .unwrap();
+        assert_eq!(args.socket_path, Some(PathBuf::from("gpio")));
+        assert_eq!(args.device.0.kind(), "virtio-rng");
+    }
+
+    #[test]
+    fn no_device_option_shadows_a_daemon_option() {
+        let daemon = long_options(&ServeArgs::augment_args(clap::Command::new("serve")));
+        for kind in devices::DEVICES {
+            for name in long_options(&kind.command()).keys() {
+                assert!(
+                    !daemon.contains_key(name),
+                    "{}'s --{name} is also a daemon option",
+                    kind.name()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_device_help_says_what_each_device_is() {
+        let help = Cli::command()
+            .find_subcommand_mut("serve")
+            .expect("serve")
+            .render_help()
+            .to_string();
+        for line in [
+            "An ACCES PCI-IDIO-16 compatible GPIO card",
+            "A virtio block device",
+        ] {
+            assert!(help.contains(line), "{help}");
+        }
     }
 
     #[test]

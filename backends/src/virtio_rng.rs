@@ -10,9 +10,10 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, PoisonError, RwLock};
+use std::sync::{Mutex, RwLock};
 
 use log::{debug, warn};
+use unidev_core::sync;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -70,12 +71,7 @@ impl VirtioRng {
 
     /// Wake the worker's exit event (the one handed out by `exit_event`).
     pub fn notify_exit(&self) {
-        if let Some(n) = self
-            .exit
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-        {
+        if let Some(n) = sync::lock(&self.exit).as_ref() {
             if let Err(e) = n.notify() {
                 warn!("virtio-rng: cannot signal the exit event: {e}");
             }
@@ -221,7 +217,7 @@ impl VhostUserBackend for VirtioRng {
     }
 
     fn update_memory(&self, mem: Memory) -> io::Result<()> {
-        *self.mem.write().unwrap_or_else(PoisonError::into_inner) = Some(mem);
+        *sync::write(&self.mem) = Some(mem);
         Ok(())
     }
 
@@ -238,7 +234,7 @@ impl VhostUserBackend for VirtioRng {
             }
         };
         if thread_index == 0 {
-            *self.exit.lock().unwrap_or_else(PoisonError::into_inner) = notifier.try_clone().ok();
+            *sync::lock(&self.exit) = notifier.try_clone().ok();
         }
         Some((consumer, notifier))
     }
@@ -256,12 +252,7 @@ impl VhostUserBackend for VirtioRng {
         if !vring.get_ref().is_enabled() {
             return Ok(());
         }
-        let Some(mem) = self
-            .mem
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-        else {
+        let Some(mem) = sync::read(&self.mem).clone() else {
             return Ok(());
         };
         let guard = mem.memory();

@@ -245,10 +245,8 @@ pub trait DeviceKind: Sync {
                     continue;
                 }
                 (true, value) => match scalar(value) {
-                    Some(text) => {
-                        one.push(format!("--{long}").into());
-                        one.push(text.into());
-                    }
+                    // One argument: a value starting with `-` stays a value.
+                    Some(text) => one.push(format!("--{long}={text}").into()),
                     None => {
                         problems.push(format!(
                             "{key} must be a string, a number or a boolean, not {}",
@@ -367,7 +365,14 @@ impl<O: DeviceOptions> DeviceKind for Kind<O> {
     }
 
     fn command(&self) -> Command {
-        O::augment_args(Command::new(O::NAME).about(O::ABOUT))
+        // The options struct's own doc comment would become the about text: ABOUT wins.
+        O::augment_args(Command::new(O::NAME))
+            .about(O::ABOUT)
+            .long_about(None)
+            .after_help(
+                "The daemon's options (`unidev serve --help`) may come before or after the \
+                 device name.",
+            )
     }
 
     fn configure(&self, matches: &ArgMatches) -> Result<Box<dyn Device>, clap::Error> {

@@ -15,7 +15,7 @@
 //! [`serve`](Export::serve) takes only a [`PciTransport`] (vfio-user); [`Export::virtio`]
 //! gives an `Export<Virtio>`, served by any [`VirtioTransport`] — one of the three address
 //! types, or a `Box<dyn VirtioTransport>` chosen at run time. `serve` checks what only
-//! run time knows (the virtio device type against VDUSE, options against the transport),
+//! run time knows (options against the transport; VDUSE checks the virtio device type),
 //! builds what sits between device and transport (the device's [`DmaSpace`], the
 //! [`LocalVirtio`] queue runner, the [`VirtioPci`] function), binds the socket (or creates
 //! the VDUSE device) and returns an [`Exported`] device, which serves when
@@ -439,13 +439,6 @@ impl Export<Virtio> {
                     transport.name()
                 ),
             ));
-        }
-        let device_type = match &self.device.0 {
-            VirtioSource::Backend { device_type, .. } => *device_type,
-            VirtioSource::Device { device, .. } => device.device_type(),
-        };
-        if let Err(why) = transport.check_virtio_type(device_type) {
-            return Err(unsupported(name, why));
         }
         let (device, dma) = match self.device.0 {
             VirtioSource::Backend { start, .. } => {

@@ -204,13 +204,6 @@ pub trait VirtioTransport: Send {
         false
     }
 
-    /// Check that this transport carries virtio devices of `device_type` (virtio 1.2
-    /// section 5); the reason when it does not. Default: every type.
-    fn check_virtio_type(&self, device_type: u32) -> Result<(), String> {
-        let _ = device_type;
-        Ok(())
-    }
-
     /// Bind virtio device `device`, whose guest memory lands in `dma`, under `name`.
     fn bind_virtio(
         self: Box<Self>,
@@ -260,10 +253,6 @@ impl<T: VirtioTransport + ?Sized> VirtioTransport for Box<T> {
 
     fn carries_virtio_pci(&self) -> bool {
         (**self).carries_virtio_pci()
-    }
-
-    fn check_virtio_type(&self, device_type: u32) -> Result<(), String> {
-        (**self).check_virtio_type(device_type)
     }
 
     fn bind_virtio(

@@ -41,9 +41,10 @@ mod tests;
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, PoisonError, RwLock};
+use std::sync::{Mutex, RwLock};
 
 use log::{debug, warn};
+use unidev_core::sync;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::bindings::virtio_blk::{
@@ -268,7 +269,7 @@ impl VirtioBlk {
     /// daemon does to stop its workers.
     pub fn notify_exit(&self) {
         for slot in &self.exit {
-            if let Some(n) = slot.lock().unwrap_or_else(PoisonError::into_inner).as_ref() {
+            if let Some(n) = sync::lock(slot).as_ref() {
                 if let Err(e) = n.notify() {
                     warn!("virtio-blk: cannot signal an exit event: {e}");
                 }
@@ -277,10 +278,7 @@ impl VirtioBlk {
     }
 
     fn memory(&self) -> Option<Memory> {
-        self.mem
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        sync::read(&self.mem).clone()
     }
 
     /// Take chains from `vring` until it is empty; returns whether any were taken.
@@ -653,7 +651,7 @@ impl VhostUserBackend for VirtioBlk {
     }
 
     fn update_memory(&self, mem: Memory) -> std::io::Result<()> {
-        *self.mem.write().unwrap_or_else(PoisonError::into_inner) = Some(mem);
+        *sync::write(&self.mem) = Some(mem);
         Ok(())
     }
 
@@ -672,7 +670,7 @@ impl VhostUserBackend for VirtioBlk {
             }
         };
         if let Some(slot) = self.exit.get(thread_index) {
-            *slot.lock().unwrap_or_else(PoisonError::into_inner) = notifier.try_clone().ok();
+            *sync::lock(slot) = notifier.try_clone().ok();
         }
         Some((consumer, notifier))
     }
@@ -696,7 +694,7 @@ impl VhostUserBackend for VirtioBlk {
         let guard = mem.memory();
         let m: &GuestMemoryMmap<()> = &guard;
         let slot = &self.scratch[thread_id.min(self.scratch.len() - 1)];
-        let mut sc = slot.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut sc = sync::lock(slot);
         if !self.event_idx.load(Ordering::Acquire) {
             self.drain(vring, m, &mut sc, false);
             return Ok(());

@@ -135,6 +135,7 @@ pub enum StatusRefusal {
 
 /// What the device does about a status write ([`write_status`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct StatusUpdate {
     /// The status the device keeps: what the driver reads back.
     pub status: u8,

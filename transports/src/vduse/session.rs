@@ -310,8 +310,9 @@ impl Session {
     /// SET_STATUS, by the rules every transport shares (`unidev_core::virtio::spec`):
     /// FEATURES_OK hands the kernel's negotiated features to the device, the device
     /// starts running its queues at DRIVER_OK and stops when the driver sets FAILED; 0
-    /// resets it. A refused part of the write is logged; refused features or a queue that
-    /// cannot start fail the request.
+    /// resets it. A write that is not taken as it is (refused features, DRIVER_OK before
+    /// FEATURES_OK, cleared bits) or a queue that cannot start fails the request, so that
+    /// the kernel's cached status stays the device's.
     fn set_status(&mut self, written: u8, ctx: &mut LoopContext) -> io::Result<()> {
         let old = self.status;
         debug!("{}: status {old:#x} -> {written:#x}", self.name);
@@ -330,21 +331,20 @@ impl Session {
             self.driver_features = features;
             info!("{}: driver features {features:#x}", self.name);
         }
-        self.status = update.status;
         if update.start {
             if let Err(e) = self.start_queues(ctx) {
+                // The kernel keeps its old status when the request fails: so does this.
                 self.stop_all(ctx);
                 return Err(e);
             }
         } else if update.stop {
             self.stop_all(ctx);
         }
+        self.status = update.status;
+        // The kernel caches the status it asked for unless the request fails, and its
+        // driver reads that cache: a write the device does not take as it is must fail.
         match update.refused {
-            Some(why @ spec::StatusRefusal::Features(_)) => Err(io::Error::other(why)),
-            Some(why) => {
-                warn!("{}: status {written:#x}: {why}", self.name);
-                Ok(())
-            }
+            Some(why) => Err(io::Error::other(why)),
             None => Ok(()),
         }
     }

@@ -34,7 +34,7 @@ struct DeviceLog {
 struct FakeDevice {
     log: Mutex<DeviceLog>,
     stop_at: u16,
-    refuse_start: bool,
+    refuse_start: std::sync::atomic::AtomicBool,
 }
 
 impl FakeDevice {
@@ -46,7 +46,7 @@ impl FakeDevice {
                 ..Default::default()
             }),
             stop_at: 7,
-            refuse_start: false,
+            refuse_start: std::sync::atomic::AtomicBool::new(false),
         })
     }
 }
@@ -73,7 +73,7 @@ impl VirtioDevice for FakeDevice {
         self.log.lock().unwrap().driver_features = Some(features);
     }
     fn start_queue(&self, index: usize, c: QueueConfig) -> Result<(), QueueError> {
-        if self.refuse_start {
+        if self.refuse_start.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(QueueError::BadRings(index));
         }
         let mut log = self.log.lock().unwrap();
@@ -461,11 +461,18 @@ fn losing_driver_ok_stops_queues_and_a_refused_start_fails_the_status() {
             ..Default::default()
         }),
         stop_at: 0,
-        refuse_start: true,
+        refuse_start: std::sync::atomic::AtomicBool::new(true),
     });
-    let mut h = Harness::start(device);
+    let mut h = Harness::start(device.clone());
     assert_eq!(h.status(0x0b), VDUSE_REQ_RESULT_OK);
     assert_eq!(h.status(0x0f), VDUSE_REQ_RESULT_FAILED);
+    // The failed DRIVER_OK was not taken (the kernel keeps its old status too): once the
+    // device can start, the driver's retry starts the queues.
+    device
+        .refuse_start
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(h.status(0x0f), VDUSE_REQ_RESULT_OK);
+    assert!(!device.log.lock().unwrap().started.is_empty());
     h.stop().unwrap();
 }
 
@@ -539,14 +546,15 @@ fn a_takeover_whose_used_ring_is_not_mapped_ends_the_server_with_an_error() {
 #[test]
 fn status_writes_follow_the_shared_rules() {
     let mut h = Harness::start(FakeDevice::new());
-    // DRIVER_OK without FEATURES_OK: answered, kept out, no queue started.
-    assert_eq!(h.status(0x07), VDUSE_REQ_RESULT_OK);
+    // DRIVER_OK without FEATURES_OK: refused (the kernel then keeps its old status), no
+    // queue started.
+    assert_eq!(h.status(0x07), VDUSE_REQ_RESULT_FAILED);
     assert!(h.device.log.lock().unwrap().started.is_empty());
     assert_eq!(h.status(0x0b), VDUSE_REQ_RESULT_OK);
     assert_eq!(h.status(0x0f), VDUSE_REQ_RESULT_OK);
     assert!(!h.device.log.lock().unwrap().started.is_empty());
-    // A driver clearing bits without a reset stops nothing.
-    assert_eq!(h.status(0x03), VDUSE_REQ_RESULT_OK);
+    // A driver clearing bits without a reset: refused, nothing stops.
+    assert_eq!(h.status(0x03), VDUSE_REQ_RESULT_FAILED);
     assert!(h.device.log.lock().unwrap().stopped.is_empty());
     h.stop().unwrap();
 }

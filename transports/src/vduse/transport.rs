@@ -95,10 +95,6 @@ impl VirtioTransport for Vduse {
         NAME
     }
 
-    fn check_virtio_type(&self, device_type: u32) -> Result<(), String> {
-        check_device_type(device_type).map_err(|e| e.to_string())
-    }
-
     fn bind_virtio(
         self: Box<Self>,
         name: &str,
