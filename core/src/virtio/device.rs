@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
 
+use super::health::DeviceHealth;
 use super::inflight::InflightRegion;
 
 /// Where a started queue lives and how it signals.
@@ -98,6 +99,12 @@ pub trait VirtioDevice: Send + Sync {
     fn stop_queue(&self, index: usize) -> Option<u16>;
     /// Stop every queue and return to the initial state (driver reset, FLR).
     fn reset(&self);
+    /// The device's health, if it can fail on its own (a backend that panicked): the
+    /// transport watches its eventfd and tells the driver the device needs a reset.
+    /// Default: none.
+    fn health(&self) -> Option<Arc<DeviceHealth>> {
+        None
+    }
     /// Whether [`set_inflight`](VirtioDevice::set_inflight) is supported.
     fn can_log_inflight(&self) -> bool {
         false

@@ -42,9 +42,11 @@ use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::EventNotifier;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::device::{QueueConfig, QueueError, VirtioDevice};
+use super::health::{contain, DeviceHealth};
 use super::inflight::{InflightQueue, InflightRegion, RingLayout};
 use crate::memory::{DmaSpace, GuestMemorySnapshot};
 use crate::sandbox::{self, SandboxedThread};
@@ -70,6 +72,9 @@ type SpawnWorker = Box<dyn FnOnce() -> io::Result<SandboxedThread<()>> + Send>;
 struct Worker {
     epoll: Arc<OwnedFd>,
     stop: EventFd,
+    /// The notifier half of the backend's `exit_event` for this worker (what
+    /// vhost-user-backend's `VringEpollHandler::send_exit_event` signals).
+    exit: Option<EventNotifier>,
     /// Held by the worker while it runs the backend; taking it waits for that to end.
     busy: Arc<Mutex<()>>,
     /// The thread starts with the first of its queues: until then it is this closure,
@@ -117,6 +122,7 @@ struct WorkerQueues<B> {
     busy: Arc<Mutex<()>>,
     thread_id: usize,
     snapshot: GuestMemorySnapshot,
+    health: Arc<DeviceHealth>,
 }
 
 struct QueuePlace {
@@ -204,6 +210,8 @@ where
     state: Mutex<LocalState>,
     snapshot: GuestMemorySnapshot,
     logs: Arc<InflightLogs>,
+    max_queue_size: u16,
+    health: Arc<DeviceHealth>,
 }
 
 fn eventfd_into_file(fd: EventFd) -> File {
@@ -224,9 +232,24 @@ where
         options: DispatchOptions,
     ) -> io::Result<Arc<Self>> {
         let snapshot = dma.snapshot();
-        backend.update_memory(snapshot.clone())?;
-        let num_queues = backend.num_queues();
-        let max = u16::try_from(backend.max_queue_size()).unwrap_or(u16::MAX);
+        let health = Arc::new(DeviceHealth::new(format!(
+            "virtio device type {device_type}"
+        ))?);
+        // The backend's answers while it is set up; a panic there refuses the device.
+        let setup = |what: &str, e: String| {
+            io::Error::other(format!("the backend panicked in {what}: {e}"))
+        };
+        contain(|| backend.update_memory(snapshot.clone()))
+            .map_err(|e| setup("update_memory", e))??;
+        let (num_queues, max_size, masks) = contain(|| {
+            (
+                backend.num_queues(),
+                backend.max_queue_size(),
+                backend.queues_per_thread(),
+            )
+        })
+        .map_err(|e| setup("num_queues / max_queue_size / queues_per_thread", e))?;
+        let max = u16::try_from(max_size).unwrap_or(u16::MAX);
         let mut vrings = Vec::with_capacity(num_queues);
         for _ in 0..num_queues {
             vrings.push(
@@ -234,7 +257,6 @@ where
                     .map_err(|e| io::Error::other(format!("cannot create vring: {e:?}")))?,
             );
         }
-        let masks = backend.queues_per_thread();
         let logs = Arc::new(InflightLogs {
             region: Mutex::new(None),
             queues: (0..num_queues).map(|_| Mutex::new(None)).collect(),
@@ -263,17 +285,26 @@ where
                 busy: Arc::new(Mutex::new(())),
                 thread_id,
                 snapshot: snapshot.clone(),
+                health: health.clone(),
             };
             workers.push(Self::spawn_worker(queues, num_queues, options)?);
         }
         for (i, p) in places.iter().enumerate() {
             if p.is_none() {
-                warn!("queue {i} is in no worker thread's mask; it will not be served");
+                // rust-vmm's daemon leaves such a queue alone: set up, never served.
+                info!("queue {i} is in no worker thread's mask; it will not be served");
             }
         }
         let listener_backend = backend.clone();
+        let listener_health = Arc::downgrade(&health);
         dma.subscribe(Arc::new(move |snap: &GuestMemorySnapshot| {
-            if let Err(e) = listener_backend.update_memory(snap.clone()) {
+            let Some(health) = listener_health.upgrade() else {
+                return;
+            };
+            let updated = health.call("update_memory", || {
+                listener_backend.update_memory(snap.clone())
+            });
+            if let Some(Err(e)) = updated {
                 error!("backend refused a memory update: {e}");
             }
         }));
@@ -289,6 +320,8 @@ where
             }),
             snapshot,
             logs,
+            max_queue_size: max,
+            health,
         }))
     }
 
@@ -312,13 +345,14 @@ where
         };
         add(stop.as_raw_fd(), STOP_EVENT)?;
         // The backend's exit event, numbered num_queues as in vhost-user-backend.
-        let exit = queues.backend.exit_event(thread_id);
-        let exit_consumer = match exit {
-            Some((consumer, _notifier)) => {
+        let exit = contain(|| queues.backend.exit_event(thread_id))
+            .map_err(|e| io::Error::other(format!("the backend panicked in exit_event: {e}")))?;
+        let (exit_consumer, exit_notifier) = match exit {
+            Some((consumer, notifier)) => {
                 add(consumer.as_raw_fd(), num_queues as u64)?;
-                Some(consumer)
+                (Some(consumer), Some(notifier))
             }
-            None => None,
+            None => (None, None),
         };
         let ep = epoll_fd.clone();
         let busy = queues.busy.clone();
@@ -337,6 +371,7 @@ where
         Ok(Worker {
             epoll: epoll_fd,
             stop,
+            exit: exit_notifier,
             busy,
             thread: Mutex::new(WorkerThread::NotStarted(spawn)),
         })
@@ -345,6 +380,72 @@ where
     /// The backend object (shared with the workers).
     pub fn backend(&self) -> &B {
         &self.backend
+    }
+
+    /// Number of worker threads (one per `queues_per_thread()` mask).
+    pub fn workers(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// Watch `fd` for `events` on worker `thread`'s epoll: its events reach the backend's
+    /// `handle_event(data as u16, events, vrings, thread)` on that worker's thread, after
+    /// the queues' (vhost-user-backend's `VringEpollHandler::register_listener`). `data`
+    /// must be above `num_queues()`: 0 to `num_queues() - 1` are the worker's queues and
+    /// `num_queues()` its exit event. Events that arrive before the worker's thread starts
+    /// (with its first queue) wait for it.
+    pub fn register_listener(
+        &self,
+        thread: usize,
+        fd: RawFd,
+        events: EventSet,
+        data: u64,
+    ) -> io::Result<()> {
+        let epoll_fd = self.listener_epoll(thread, data)?;
+        epoll::ctl(
+            epoll_fd,
+            epoll::ControlOptions::EPOLL_CTL_ADD,
+            fd,
+            epoll::Event::new(epoll::Events::from_bits_truncate(events.bits()), data),
+        )
+    }
+
+    /// Stop watching a listener registered with
+    /// [`register_listener`](LocalVirtio::register_listener).
+    pub fn unregister_listener(
+        &self,
+        thread: usize,
+        fd: RawFd,
+        events: EventSet,
+        data: u64,
+    ) -> io::Result<()> {
+        let epoll_fd = self.listener_epoll(thread, data)?;
+        epoll::ctl(
+            epoll_fd,
+            epoll::ControlOptions::EPOLL_CTL_DEL,
+            fd,
+            epoll::Event::new(epoll::Events::from_bits_truncate(events.bits()), data),
+        )
+    }
+
+    fn listener_epoll(&self, thread: usize, data: u64) -> io::Result<RawFd> {
+        let reserved = data <= self.vrings.len() as u64 || data == STOP_EVENT;
+        match self.workers.get(thread) {
+            Some(w) if !reserved => Ok(w.epoll.as_raw_fd()),
+            _ => Err(io::Error::from_raw_os_error(libc::EINVAL)),
+        }
+    }
+
+    /// Signal the backend's exit event of worker `thread` (vhost-user-backend's
+    /// `VringEpollHandler::send_exit_event`): the worker leaves its loop.
+    pub fn send_exit_event(&self, thread: usize) {
+        if let Some(exit) = self.workers.get(thread).and_then(|w| w.exit.as_ref()) {
+            let _ = exit.notify();
+        }
+    }
+
+    /// The device's health: whether the backend panicked.
+    pub fn device_health(&self) -> &Arc<DeviceHealth> {
+        &self.health
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, LocalState> {
@@ -421,12 +522,16 @@ fn worker_loop<B>(
 impl<B: VhostUserBackend<Bitmap = (), Vring = VringRwLock>> WorkerQueues<B> {
     /// Run the backend for one event, logging in-flight heads around it when a log is set.
     fn handle(&self, device_event: u16, evset: EventSet) {
+        if self.health.is_failed() {
+            return;
+        }
         let _busy = lock(&self.busy);
         let logging = self.log_queues(|log, _, mem| log.premark(mem));
-        if let Err(e) = self
-            .backend
-            .handle_event(device_event, evset, &self.vrings, self.thread_id)
-        {
+        let handled = self.health.call("handle_event", || {
+            self.backend
+                .handle_event(device_event, evset, &self.vrings, self.thread_id)
+        });
+        if let Some(Err(e)) = handled {
             warn!(
                 "backend failed event {device_event} on worker {}: {e}",
                 self.thread_id
@@ -568,22 +673,33 @@ where
     }
 
     fn max_queue_size(&self) -> u16 {
-        u16::try_from(self.backend.max_queue_size()).unwrap_or(u16::MAX)
+        self.max_queue_size
     }
 
     fn features(&self) -> u64 {
-        self.backend.features() & !VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        self.health
+            .call("features", || self.backend.features())
+            .unwrap_or(0)
+            & !VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
 
     fn read_config(&self, offset: u32, data: &mut [u8]) {
-        let cfg = self.backend.get_config(offset, data.len() as u32);
+        let cfg = self
+            .health
+            .call("get_config", || {
+                self.backend.get_config(offset, data.len() as u32)
+            })
+            .unwrap_or_default();
         let n = cfg.len().min(data.len());
         data[..n].copy_from_slice(&cfg[..n]);
         data[n..].fill(0);
     }
 
     fn write_config(&self, offset: u32, data: &[u8]) {
-        if let Err(e) = self.backend.set_config(offset, data) {
+        let written = self
+            .health
+            .call("set_config", || self.backend.set_config(offset, data));
+        if let Some(Err(e)) = written {
             warn!("backend refused a config write at {offset:#x}: {e}");
         }
     }
@@ -594,10 +710,12 @@ where
         for v in &self.vrings {
             v.set_queue_event_idx(event_idx);
         }
-        self.backend.set_event_idx(event_idx);
-        // A vhost-user frontend acks PROTOCOL_FEATURES when offered; keep that view.
-        let proto = self.backend.features() & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        self.backend.acked_features(features | proto);
+        self.health.call("set_event_idx / acked_features", || {
+            self.backend.set_event_idx(event_idx);
+            // A vhost-user frontend acks PROTOCOL_FEATURES when offered; keep that view.
+            let proto = self.backend.features() & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+            self.backend.acked_features(features | proto);
+        });
     }
 
     fn start_queue(&self, index: usize, c: QueueConfig) -> Result<(), QueueError> {
@@ -605,9 +723,7 @@ where
             .vrings
             .get(index)
             .ok_or(QueueError::NoSuchQueue(index))?;
-        let place = self.places[index]
-            .as_ref()
-            .ok_or(QueueError::NoSuchQueue(index))?;
+        let place = self.places[index].as_ref();
         let max = self.max_queue_size();
         if c.size == 0 || !c.size.is_power_of_two() || c.size > max {
             return Err(QueueError::BadSize {
@@ -672,6 +788,10 @@ where
         vring.set_kick(Some(eventfd_into_file(c.kick)));
         vring.set_call(c.call.map(eventfd_into_file));
         vring.set_enabled(true);
+        let Some(place) = place else {
+            // In no worker's mask: set up and left alone, as rust-vmm's daemon does.
+            return Ok(());
+        };
         let reg_fd = vring
             .get_ref()
             .get_kick()
@@ -733,7 +853,10 @@ where
             }
         }
         vring.set_queue_ready(false);
-        if let Err(e) = self.backend.stop_vring(index as u32) {
+        let stopped = self
+            .health
+            .call("stop_vring", || self.backend.stop_vring(index as u32));
+        if let Some(Err(e)) = stopped {
             warn!("backend failed to stop queue {index}: {e}");
         }
         let next = vring.queue_next_avail();
@@ -746,13 +869,21 @@ where
         for i in 0..self.vrings.len() {
             self.stop_queue(i);
         }
-        self.backend.reset_device();
+        // A reset is the driver's way back from a failure: the backend is tried again.
+        self.health.clear();
+        self.health.call("reset_device", || {
+            self.backend.reset_device();
+            self.backend.set_event_idx(false);
+        });
         for v in &self.vrings {
             v.get_mut().get_queue_mut().reset();
             v.set_queue_event_idx(false);
         }
         self.lock().event_idx = false;
-        self.backend.set_event_idx(false);
+    }
+
+    fn health(&self) -> Option<Arc<DeviceHealth>> {
+        Some(self.health.clone())
     }
 
     fn can_log_inflight(&self) -> bool {

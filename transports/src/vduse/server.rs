@@ -323,6 +323,18 @@ impl VduseServer {
             self.event_loop
                 .add(channel_fd, epoll::Events::EPOLLIN, serve)?;
         }
+        // A backend failure (a panic) stops the device's queues.
+        if let Some(health) = lock(&self.session).device().health() {
+            let session = self.session.clone();
+            let name = self.name.clone();
+            self.event_loop
+                .add(health.event_fd(), epoll::Events::EPOLLIN, move |ctx, _| {
+                    health.acknowledge();
+                    warn!("{name}: the device failed; its queues stop until the driver resets it");
+                    lock(&session).device_failed(ctx);
+                    Control::Continue
+                })?;
+        }
         info!("{}: serving VDUSE requests", self.name);
         let result = self.event_loop.run();
         self.shutdown();

@@ -233,6 +233,11 @@ impl Session {
         }
     }
 
+    /// The device this session serves.
+    pub fn device(&self) -> &Arc<dyn VirtioDevice> {
+        &self.device
+    }
+
     /// The device status the driver last set.
     pub fn status(&self) -> u8 {
         self.status
@@ -353,6 +358,15 @@ impl Session {
     pub fn reset(&mut self, ctx: &mut LoopContext) {
         self.stop_all(ctx);
         self.close();
+    }
+
+    /// The device failed (its backend panicked): stop its queues and keep
+    /// DEVICE_NEEDS_RESET in the status until the driver resets it. (The kernel keeps its
+    /// own copy of the status, which a device cannot change: the driver learns of the
+    /// failure only by its requests no longer completing.)
+    pub fn device_failed(&mut self, ctx: &mut LoopContext) {
+        self.stop_all(ctx);
+        self.status |= status::DEVICE_NEEDS_RESET;
     }
 
     /// Like [`reset`](Session::reset) when no dispatch is at hand (the loop has ended and

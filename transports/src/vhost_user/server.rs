@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use log::{info, warn};
-use unidev_core::dispatch::{Control, EventLoop, LoopContext, StopHandle};
+use unidev_core::dispatch::{Control, EventLoop, LoopContext, StopHandle, Token};
 use unidev_core::limits;
 use unidev_core::memory::DmaSpace;
 use unidev_core::sync::lock;
@@ -185,12 +185,27 @@ impl Acceptor {
         *lock(&self.current) = Some(session.clone());
         let handler = BackendReqHandler::from_stream(stream, session.clone());
         info!("{session_name}: frontend connected");
+        let fd = handler.as_raw_fd();
+        // A device whose backend failed (a panic) cannot be used on this connection: it
+        // is closed, and the next frontend (QEMU's reconnect) finds the device reset.
+        let health = self.device.health().map(|health| {
+            let name = session_name.clone();
+            ctx.add(health.event_fd(), epoll::Events::EPOLLIN, move |_, _| {
+                health.acknowledge();
+                warn!("{name}: the device failed; closing the connection");
+                // SAFETY: shutdown(2) on the connection's socket, which the request
+                // handler keeps open until this watch is removed (`Connection::end`).
+                unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+                Control::Remove
+            })
+        });
         let mut connection = Connection {
             name: session_name,
-            fd: handler.as_raw_fd(),
+            fd,
             session,
             handler,
             acceptor: self.clone(),
+            health,
         };
         ctx.add(connection.fd, epoll::Events::EPOLLIN, move |ctx, _| {
             connection.on_readable(ctx)
@@ -208,6 +223,8 @@ struct Connection {
     session: Arc<Mutex<Session>>,
     handler: BackendReqHandler<Mutex<Session>>,
     acceptor: Arc<Acceptor>,
+    /// The watch of the device's health, while the connection lasts.
+    health: Option<Token>,
 }
 
 impl Connection {
@@ -268,7 +285,10 @@ impl Connection {
     }
 
     /// Close the session and go back to accepting the next frontend.
-    fn end(&self, ctx: &mut LoopContext) -> Control {
+    fn end(&mut self, ctx: &mut LoopContext) -> Control {
+        if let Some(token) = self.health.take() {
+            ctx.remove(token);
+        }
         lock(&self.session).close();
         *lock(&self.acceptor.current) = None;
         self.acceptor.listen_again(ctx);

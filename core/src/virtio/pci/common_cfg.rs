@@ -50,6 +50,7 @@ impl VirtioPci {
         self.driver_feature_select = 0;
         self.driver_features = 0;
         self.config_vector = NO_VECTOR;
+        self.router.config_vector.store(NO_VECTOR, Ordering::SeqCst);
         self.status = 0;
         self.queue_select = 0;
         self.router.isr.store(0, Ordering::SeqCst);
@@ -171,7 +172,14 @@ impl VirtioPci {
         b[0x0c..0x10].copy_from_slice(&drv.to_le_bytes());
         b[0x10..0x12].copy_from_slice(&self.config_vector.to_le_bytes());
         b[0x12..0x14].copy_from_slice(&(self.queues.len() as u16).to_le_bytes());
-        b[0x14] = self.status;
+        // A device whose backend failed needs a reset, whatever the driver did since.
+        let failed = self.device.health().is_some_and(|h| h.is_failed());
+        b[0x14] = self.status
+            | if failed {
+                status::DEVICE_NEEDS_RESET
+            } else {
+                0
+            };
         b[0x15] = self.config_generation;
         b[0x16..0x18].copy_from_slice(&self.queue_select.to_le_bytes());
         if let Some(q) = self.selected() {
@@ -222,6 +230,9 @@ impl VirtioPci {
         }
         if touched(0x10, 2) {
             self.config_vector = self.valid_vector(u16_at(&img, 0x10));
+            self.router
+                .config_vector
+                .store(self.config_vector, Ordering::SeqCst);
         }
         if touched(0x16, 2) {
             self.queue_select = u16_at(&img, 0x16);

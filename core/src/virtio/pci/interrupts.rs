@@ -11,7 +11,7 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use log::warn;
@@ -31,6 +31,9 @@ pub(super) struct Router {
     pub(super) irqs: Arc<Interrupts>,
     pub(super) msix: Arc<Mutex<Msix>>,
     pub(super) isr: Arc<AtomicU8>,
+    /// The configuration-change vector (`config_msix_vector`), for a change the device
+    /// announces on its own (DEVICE_NEEDS_RESET after a backend failure).
+    pub(super) config_vector: AtomicU16,
     pub(super) route: Mutex<Route>,
     pub(super) relay_fds: Vec<EventFd>,
 }
@@ -58,6 +61,7 @@ impl Router {
             irqs: irqs.clone(),
             msix,
             isr: Arc::new(AtomicU8::new(0)),
+            config_vector: AtomicU16::new(NO_VECTOR),
             route: Mutex::new(Route {
                 vectors: vec![NO_VECTOR; nq],
                 ..Route::default()
@@ -122,10 +126,40 @@ impl Router {
     }
 }
 
+impl Router {
+    /// A configuration change (virtio 1.2 4.1.4.5): ISR bit 1, then the configuration
+    /// vector or INTx.
+    pub(super) fn config_changed(&self) {
+        self.isr.fetch_or(2, Ordering::SeqCst);
+        let (msix, intx_disabled) = {
+            let r = self.lock();
+            (r.msix_enabled, r.intx_disabled)
+        };
+        if msix {
+            let vector = self.config_vector.load(Ordering::SeqCst);
+            if vector != NO_VECTOR {
+                lock(&self.msix).signal(vector);
+            }
+        } else if !intx_disabled {
+            self.irqs.set_intx_level(true);
+        }
+    }
+}
+
 impl VirtioPci {
-    /// The relay's event loop: one eventfd per queue, each relayed to the driver.
+    /// The relay's event loop: one eventfd per queue, each relayed to the driver, and the
+    /// device's health: a failure is announced as a configuration change (the driver
+    /// then reads DEVICE_NEEDS_RESET, virtio 1.2 2.1.2).
     pub(super) fn relay_loop(router: &Arc<Router>) -> io::Result<EventLoop> {
         let mut lp = EventLoop::new()?;
+        if let Some(health) = router.device.health() {
+            let r = router.clone();
+            lp.add(health.event_fd(), epoll::Events::EPOLLIN, move |_, _| {
+                health.acknowledge();
+                r.config_changed();
+                Control::Continue
+            })?;
+        }
         for (q, fd) in router.relay_fds.iter().enumerate() {
             let r = router.clone();
             let efd = fd.try_clone()?;
