@@ -390,7 +390,7 @@ fn notifications_through_the_mmapped_notify_area_with_a_polling_device() {
         "blk-mmap",
         local,
         dma,
-        VirtioPciOptions { notify_mmap: true },
+        VirtioPciOptions::default().notify_mmap(true),
     )
     .unwrap();
     let s = serve("blk-mmap", Arc::new(Mutex::new(pci)), dir, image);

@@ -450,9 +450,8 @@ fn start_device(
                         "bench-pci",
                         local,
                         dma,
-                        VirtioPciOptions {
-                            notify_mmap: cfg.transport == Transport::VfioUserMmap,
-                        },
+                        VirtioPciOptions::default()
+                            .notify_mmap(cfg.transport == Transport::VfioUserMmap),
                     )
                     .map_err(|e| e.to_string())?;
                     let server = VfioUserServer::new(

@@ -611,6 +611,13 @@ impl VirtioDevice for VhostUserProxy {
         self.lock().backend_features & !VHOST_USER_F_PROTOCOL_FEATURES
     }
 
+    fn serves_config(&self) -> bool {
+        self.lock()
+            .session
+            .as_ref()
+            .is_some_and(|s| s.protocol.contains(VhostUserProtocolFeatures::CONFIG))
+    }
+
     fn read_config(&self, offset: u32, data: &mut [u8]) {
         data.fill(0);
         let mut inner = self.lock();

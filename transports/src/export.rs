@@ -121,6 +121,7 @@ use std::time::Duration;
 use unidev_core::dispatch::StopHandle;
 use unidev_core::memory::{DmaSpace, DEFAULT_MAX_MAPS};
 use unidev_core::pci::{PciDevice, SharedPciDevice};
+use unidev_core::virtio::config::ConfigValues;
 use unidev_core::virtio::{DispatchOptions, LocalVirtio, VirtioDevice};
 use vhost_user_backend::{VhostUserBackend, VringRwLock};
 
@@ -179,6 +180,16 @@ pub struct ExportOptions {
     /// memory) and poll the queues continuously (one busy core per worker thread).
     /// Default off.
     pub notify_mmap: bool,
+    /// Values of the device configuration fields the transport's device model keeps
+    /// (a virtio backend without the vhost-user CONFIG protocol feature: its read-only
+    /// fields, such as virtio-fs's `tag`; see `unidev_core::virtio::config`). For
+    /// transports that are the device model (vfio-user, VDUSE); refused over vhost-user,
+    /// where the VMM keeps the config. Default: the spec's defaults.
+    pub device_config: ConfigValues,
+    /// Serve one client session, then stop (as vhost-user-backend's `serve` does; the
+    /// daemon-compatible surface, [`crate::daemon`], uses it). Default off: serve one
+    /// client after another until stopped. VDUSE serves until stopped either way.
+    pub single_session: bool,
 }
 
 impl Default for ExportOptions {
@@ -191,6 +202,8 @@ impl Default for ExportOptions {
             vfio_user: ServerConfig::default(),
             poll: Duration::ZERO,
             notify_mmap: false,
+            device_config: ConfigValues::default(),
+            single_session: false,
         }
     }
 }
@@ -235,6 +248,18 @@ impl ExportOptions {
     /// Set [`notify_mmap`](ExportOptions::notify_mmap).
     pub fn notify_mmap(mut self, on: bool) -> Self {
         self.notify_mmap = on;
+        self
+    }
+
+    /// Set [`device_config`](ExportOptions::device_config).
+    pub fn device_config(mut self, values: ConfigValues) -> Self {
+        self.device_config = values;
+        self
+    }
+
+    /// Set [`single_session`](ExportOptions::single_session).
+    pub fn single_session(mut self, on: bool) -> Self {
+        self.single_session = on;
         self
     }
 

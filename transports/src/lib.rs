@@ -117,6 +117,7 @@
 //! [`Vduse`]: vduse::Vduse
 #![deny(missing_docs)]
 
+pub mod daemon;
 pub mod export;
 pub mod listener;
 mod scm_rights;

@@ -235,9 +235,9 @@ pub fn virtio_over_pci<T: PciTransport + ?Sized>(
     dma: Arc<DmaSpace>,
     options: &ExportOptions,
 ) -> Result<Bound, ExportError> {
-    let pci_options = VirtioPciOptions {
-        notify_mmap: options.notify_mmap,
-    };
+    let pci_options = VirtioPciOptions::default()
+        .notify_mmap(options.notify_mmap)
+        .config(options.device_config.clone());
     let pci =
         VirtioPci::new(name, device, dma, pci_options).map_err(|source| ExportError::Device {
             name: name.to_string(),

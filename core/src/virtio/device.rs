@@ -99,6 +99,13 @@ pub trait VirtioDevice: Send + Sync {
     fn stop_queue(&self, index: usize) -> Option<u16>;
     /// Stop every queue and return to the initial state (driver reset, FLR).
     fn reset(&self);
+    /// Whether the device serves its own configuration space (for a vhost-user backend,
+    /// whether it offers the CONFIG protocol feature). When it does not, transports that
+    /// are the device model (virtio-pci, VDUSE) keep the config space themselves
+    /// ([`super::config`]) and vhost-user does not offer CONFIG. Default: it does.
+    fn serves_config(&self) -> bool {
+        true
+    }
     /// The device's health, if it can fail on its own (a backend that panicked): the
     /// transport watches its eventfd and tells the driver the device needs a reset.
     /// Default: none.

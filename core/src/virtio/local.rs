@@ -37,7 +37,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
-use vhost::vhost_user::message::VhostUserVirtioFeatures;
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
@@ -681,6 +681,12 @@ where
             .call("features", || self.backend.features())
             .unwrap_or(0)
             & !VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn serves_config(&self) -> bool {
+        self.health
+            .call("protocol_features", || self.backend.protocol_features())
+            .is_some_and(|p| p.contains(VhostUserProtocolFeatures::CONFIG))
     }
 
     fn read_config(&self, offset: u32, data: &mut [u8]) {

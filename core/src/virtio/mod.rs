@@ -2,6 +2,8 @@
 //! queue runner (any rust-vmm `VhostUserBackend` on the shared dispatch), and the
 //! virtio-pci function that exports a virtio device to PCI transports.
 //!
+//! * [`config`] — who owns a device's configuration space, per device type: the device
+//!   model of the transports that are one (virtio-pci, VDUSE).
 //! * [`device`] — [`VirtioDevice`], what every virtio transport drives.
 //! * [`local`] — [`LocalVirtio`], vrings + worker threads for a `VhostUserBackend`.
 //! * [`pci`] — [`VirtioPci`], virtio 1.2 section 4.1 as a core `PciDevice`.
@@ -11,6 +13,7 @@
 //! * [`inflight`] — [`InflightRegion`], a shared-memory log of in-flight requests that
 //!   lets a restarted daemon resume its queues without losing or repeating requests.
 
+pub mod config;
 pub mod device;
 pub mod health;
 pub mod inflight;

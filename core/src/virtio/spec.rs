@@ -68,6 +68,12 @@ pub const VIRTIO_ID_SCSI: u32 = ids::VIRTIO_ID_SCSI;
 pub const VIRTIO_ID_FS: u32 = ids::VIRTIO_ID_FS;
 /// Socket device (section 5.10).
 pub const VIRTIO_ID_VSOCK: u32 = ids::VIRTIO_ID_VSOCK;
+/// Sound device (section 5.14).
+pub const VIRTIO_ID_SOUND: u32 = ids::VIRTIO_ID_SOUND;
+/// GPIO device (section 5.18).
+pub const VIRTIO_ID_GPIO: u32 = ids::VIRTIO_ID_GPIO;
+/// I2C adapter (section 5.16).
+pub const VIRTIO_ID_I2C_ADAPTER: u32 = ids::VIRTIO_ID_I2C_ADAPTER;
 
 /// A readable name for a virtio device type (log lines and errors).
 pub fn device_type_name(device_type: u32) -> &'static str {

@@ -23,6 +23,7 @@ use log::{error, info, warn};
 use unidev_core::dispatch::{EventLoop, StopHandle};
 use unidev_core::memory::DmaSpace;
 use unidev_core::sandbox::{self, SandboxedThread};
+use unidev_core::virtio::config::ConfigModelled;
 use unidev_core::virtio::VirtioDevice;
 
 use super::control::{check_device_type, VduseError, DEFAULT_CONTROL_PATH};
@@ -100,8 +101,17 @@ impl VirtioTransport for Vduse {
         name: &str,
         device: Arc<dyn VirtioDevice>,
         dma: Arc<DmaSpace>,
-        _options: &ExportOptions,
+        options: &ExportOptions,
     ) -> Result<Bound, ExportError> {
+        // The kernel takes the config space at creation: the device model's.
+        let device: Arc<dyn VirtioDevice> = Arc::new(
+            ConfigModelled::new(device, &options.device_config).map_err(|why| {
+                ExportError::Unsupported {
+                    name: name.to_string(),
+                    why,
+                }
+            })?,
+        );
         let server = create(&self, device, dma)?;
         let shutdown = EventLoop::new().map_err(|source| ExportError::Server {
             name: name.to_string(),

@@ -32,6 +32,7 @@ pub struct VfioUserServer {
     device: SharedPciDevice,
     config: ServerConfig,
     peers: PeerPolicy,
+    single_session: bool,
     event_loop: EventLoop,
 }
 
@@ -51,6 +52,7 @@ impl VfioUserServer {
             device,
             config,
             peers: PeerPolicy::default(),
+            single_session: false,
             event_loop: EventLoop::new()?,
         })
     }
@@ -58,6 +60,13 @@ impl VfioUserServer {
     /// Serve only the local users `peers` admits (refused connections are logged).
     pub fn with_peer_policy(mut self, peers: PeerPolicy) -> Self {
         self.peers = peers;
+        self
+    }
+
+    /// Stop serving once the first client's session ends (`true`), instead of serving
+    /// the next client.
+    pub fn single_session(mut self, on: bool) -> Self {
+        self.single_session = on;
         self
     }
 
@@ -74,6 +83,7 @@ impl VfioUserServer {
             device: self.device.clone(),
             config: self.config.clone(),
             peers: self.peers.clone(),
+            single_session: self.single_session,
             attached: Mutex::new(None),
         });
         let on_listener = acceptor.clone();
@@ -99,6 +109,7 @@ struct Acceptor {
     device: SharedPciDevice,
     config: ServerConfig,
     peers: PeerPolicy,
+    single_session: bool,
     /// The attached client, if any.
     attached: Mutex<Option<Arc<Connection>>>,
 }
@@ -230,6 +241,9 @@ impl Connection {
             move |ctx, _| {
                 if on_socket.serve_one(ctx) != SessionState::Open {
                     acceptor.detach(&on_socket, ctx);
+                    if acceptor.single_session {
+                        return Control::Exit;
+                    }
                 }
                 Control::Continue
             },

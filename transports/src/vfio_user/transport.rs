@@ -77,7 +77,8 @@ impl PciTransport for VfioUser {
                 name: name.to_string(),
                 source,
             })?
-            .with_peer_policy(options.peers());
+            .with_peer_policy(options.peers())
+            .single_session(options.single_session);
         Ok(Bound::new(NAME, Box::new(server), socket))
     }
 }

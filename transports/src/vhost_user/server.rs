@@ -47,6 +47,8 @@ struct Acceptor {
     /// The attached frontend's session.
     current: Mutex<Option<Arc<Mutex<Session>>>>,
     peers: PeerPolicy,
+    /// Stop once the first frontend's session ends.
+    single_session: bool,
 }
 
 /// Whether a request error means the connection is gone (or cannot be resynchronized),
@@ -100,6 +102,7 @@ impl VhostUserServer {
                 dma,
                 current: Mutex::new(None),
                 peers: PeerPolicy::default(),
+                single_session: false,
             }),
             event_loop: EventLoop::new()?,
         })
@@ -109,6 +112,15 @@ impl VhostUserServer {
     pub fn with_peer_policy(mut self, peers: PeerPolicy) -> Self {
         if let Some(acceptor) = Arc::get_mut(&mut self.acceptor) {
             acceptor.peers = peers;
+        }
+        self
+    }
+
+    /// Stop serving once the first frontend's session ends (`true`), instead of
+    /// accepting the next frontend.
+    pub fn single_session(mut self, on: bool) -> Self {
+        if let Some(acceptor) = Arc::get_mut(&mut self.acceptor) {
+            acceptor.single_session = on;
         }
         self
     }
@@ -291,6 +303,9 @@ impl Connection {
         }
         lock(&self.session).close();
         *lock(&self.acceptor.current) = None;
+        if self.acceptor.single_session {
+            return Control::Exit;
+        }
         self.acceptor.listen_again(ctx);
         Control::Remove
     }

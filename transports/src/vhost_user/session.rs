@@ -220,6 +220,11 @@ impl Session {
         if self.device.can_log_inflight() {
             offered |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
         }
+        // CONFIG only for a device that serves its config space (the backend offers it):
+        // otherwise the VMM's device model keeps it.
+        if !self.device.serves_config() {
+            offered.remove(VhostUserProtocolFeatures::CONFIG);
+        }
         offered
     }
 

@@ -52,13 +52,22 @@ impl VirtioTransport for VhostUser {
         dma: Arc<DmaSpace>,
         options: &ExportOptions,
     ) -> Result<Bound, ExportError> {
+        if !options.device_config.is_empty() {
+            return Err(ExportError::Unsupported {
+                name: name.to_string(),
+                why: "device config values apply to transports that are the device model \
+                      (vfio-user, VDUSE); over vhost-user the VMM keeps the config"
+                    .into(),
+            });
+        }
         let (listener, socket) = self.socket.listen(options)?;
         let server = VhostUserServer::new(name, listener, device, dma)
             .map_err(|source| ExportError::Server {
                 name: name.to_string(),
                 source,
             })?
-            .with_peer_policy(options.peers());
+            .with_peer_policy(options.peers())
+            .single_session(options.single_session);
         Ok(Bound::new(NAME, Box::new(server), socket))
     }
 }

@@ -47,6 +47,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use self::common_cfg::QueueRegs;
 use self::interrupts::Router;
+use super::config::{ConfigModelled, ConfigValues};
 use super::device::VirtioDevice;
 use crate::dispatch::{EventLoop, StopHandle};
 use crate::irq::{Interrupts, IrqLayout};
@@ -92,11 +93,29 @@ const CAP_DEVICE: u8 = 4;
 const CAP_PCI_CFG: u8 = 5;
 
 /// Options of a virtio-pci function.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
+#[non_exhaustive]
 pub struct VirtioPciOptions {
     /// Make the notify page mappable (sparse mmap): the driver's notifications then go
     /// to shared memory instead of trapping, and the queues must be polled.
     pub notify_mmap: bool,
+    /// Values of the device configuration fields the function's device model keeps
+    /// (a backend without the CONFIG protocol feature: `virtio::config`).
+    pub config: ConfigValues,
+}
+
+impl VirtioPciOptions {
+    /// Set [`notify_mmap`](VirtioPciOptions::notify_mmap).
+    pub fn notify_mmap(mut self, on: bool) -> Self {
+        self.notify_mmap = on;
+        self
+    }
+
+    /// Set [`config`](VirtioPciOptions::config).
+    pub fn config(mut self, values: ConfigValues) -> Self {
+        self.config = values;
+        self
+    }
 }
 
 /// A virtio device exported as a PCI function.
@@ -250,6 +269,12 @@ impl VirtioPci {
             relay_fds.push(EventFd::new(EFD_NONBLOCK)?);
             kicks.push(EventFd::new(EFD_NONBLOCK)?);
         }
+        // This function is the device model: it keeps the config space the backend does
+        // not serve (virtio::config).
+        let device: Arc<dyn VirtioDevice> = Arc::new(
+            ConfigModelled::new(device, &options.config)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
+        );
         let router = Router::new(device.clone(), irqs.clone(), msix.clone(), relay_fds);
         let relay_loop = Self::relay_loop(&router)?;
         let notify_mem = if options.notify_mmap {
