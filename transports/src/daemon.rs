@@ -381,6 +381,9 @@ impl VirtioDevice for Typed {
     fn write_config(&self, offset: u32, data: &[u8]) {
         self.inner.write_config(offset, data)
     }
+    fn serves_config(&self) -> bool {
+        self.inner.serves_config()
+    }
     fn set_driver_features(&self, features: u64) {
         self.inner.set_driver_features(features)
     }
