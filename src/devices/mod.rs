@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{ArgMatches, Args, Command, FromArgMatches};
+use unidev_core::virtio::config::ConfigValues;
 use unidev_transports::export::{Export, ExportOptions, Pci, Virtio};
 use unidev_transports::transport::{TransportKind, TRANSPORTS};
 
@@ -115,6 +116,12 @@ pub trait DeviceOptions: Args + FromArgMatches + Send + 'static {
         None
     }
 
+    /// Values for the device configuration fields the transport's device model keeps
+    /// (`unidev_core::virtio::config`). Default: none.
+    fn device_config(&self) -> ConfigValues {
+        ConfigValues::new()
+    }
+
     /// Build the device.
     fn build(&self, ctx: &BuildContext) -> Result<Built, String>;
 }
@@ -189,6 +196,7 @@ impl<O: DeviceOptions> Device for O {
     }
 
     fn export_options(&self, base: ExportOptions) -> ExportOptions {
+        let base = base.device_config(DeviceOptions::device_config(self));
         match self.virtio() {
             Some(v) => base
                 .poll(Duration::from_micros(v.poll_us))
@@ -234,7 +242,21 @@ pub trait DeviceKind: Sync {
                 continue;
             };
             let mut one: Vec<OsString> = Vec::new();
+            let repeatable = matches!(arg.get_action(), clap::ArgAction::Append);
             match (arg.get_action().takes_values(), value) {
+                // A repeatable option: one argument per element.
+                (true, toml::Value::Array(items)) if repeatable => {
+                    let texts: Option<Vec<String>> = items.iter().map(scalar).collect();
+                    match texts {
+                        Some(texts) => {
+                            one.extend(texts.iter().map(|t| format!("--{long}={t}").into()))
+                        }
+                        None => {
+                            problems.push(format!("{key} must be a list of strings or numbers"));
+                            continue;
+                        }
+                    }
+                }
                 (false, toml::Value::Boolean(true)) => one.push(format!("--{long}").into()),
                 (false, toml::Value::Boolean(false)) => {}
                 (false, other) => {
@@ -463,6 +485,27 @@ mod tests {
         let options = device.export_options(ExportOptions::default());
         assert_eq!(options.poll, Duration::from_micros(5));
         let _ = std::fs::remove_file(&image);
+    }
+
+    #[test]
+    fn the_proxy_takes_config_values_from_the_command_line_and_a_list_in_a_file() {
+        let proxy = kind_named("vhost-user-proxy").unwrap();
+        let t = table(
+            "backend_socket = \"/b.sock\"\nvirtio_id = 26\nqueues = 2\n\
+             config = [\"tag=share0\", \"num_request_queues=1\"]\n",
+        );
+        let (device, errors) = proxy.configure_from_table(&t);
+        assert!(errors.is_empty(), "{errors:?}");
+        let options = device.unwrap().export_options(ExportOptions::default());
+        let values: Vec<_> = options.device_config.iter().collect();
+        assert_eq!(values, [("num_request_queues", "1"), ("tag", "share0")]);
+        let (_, errors) = proxy.configure_from_table(&table(
+            "backend_socket = \"/b\"\nvirtio_id = 26\nconfig = \"tag\"\n",
+        ));
+        assert!(
+            errors.iter().any(|e| e.contains("NAME=VALUE")),
+            "{errors:?}"
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@ use clap::Args;
 use log::info;
 use unidev_compat::vhost_user_proxy::VhostUserProxy;
 use unidev_core::memory::DmaSpace;
+use unidev_core::virtio::config::ConfigValues;
 use unidev_transports::export::Export;
 use unidev_transports::transport::TransportKind;
 
@@ -25,6 +26,19 @@ pub struct VhostUserProxyOptions {
     /// Number of queues to use.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=128))]
     pub queues: u16,
+    /// A field of the device configuration unidev keeps for a backend that does not
+    /// serve its own (no vhost-user CONFIG protocol feature; virtiofsd, for one):
+    /// NAME=VALUE, e.g. `tag=share0` for virtio-fs. Repeatable; the fields are the
+    /// spec's for the device type (`unidev_core::virtio::config`).
+    #[arg(long = "config", value_name = "NAME=VALUE", value_parser = parse_config_pair)]
+    pub config: Vec<(String, String)>,
+}
+
+fn parse_config_pair(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((name, value)) if !name.is_empty() => Ok((name.to_string(), value.to_string())),
+        _ => Err("a config value is NAME=VALUE".to_string()),
+    }
 }
 
 impl DeviceOptions for VhostUserProxyOptions {
@@ -50,6 +64,12 @@ impl DeviceOptions for VhostUserProxyOptions {
                     .into(),
             )
         }
+    }
+
+    fn device_config(&self) -> ConfigValues {
+        self.config
+            .iter()
+            .fold(ConfigValues::new(), |v, (name, value)| v.set(name, value))
     }
 
     fn build(&self, ctx: &BuildContext) -> Result<Built, String> {
