@@ -684,3 +684,154 @@ fn a_backend_panic_closes_its_vhost_user_connection_only() {
     drop((fe, vq, kick));
     server.join().unwrap();
 }
+
+// ---- across connections: a fresh backend per session, or one kept ----
+
+/// Counts the requests it answered (its answer is the count so far), on queue 0 only:
+/// queue 1 is in no worker's mask (`queues_per_thread`), as some upstream backends leave
+/// a queue they do not serve.
+struct Counter {
+    mem: RwLock<Option<Memory>>,
+    answered: std::sync::atomic::AtomicU8,
+}
+
+impl Counter {
+    fn new() -> Arc<Self> {
+        Arc::new(Counter {
+            mem: RwLock::new(None),
+            answered: std::sync::atomic::AtomicU8::new(0),
+        })
+    }
+}
+
+impl VhostUserBackend for Counter {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+    fn num_queues(&self) -> usize {
+        2
+    }
+    fn max_queue_size(&self) -> usize {
+        64
+    }
+    fn features(&self) -> u64 {
+        VERSION_1 | PROTOCOL_FEATURES
+    }
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+    }
+    fn queues_per_thread(&self) -> Vec<u64> {
+        vec![0b01]
+    }
+    fn set_event_idx(&self, _: bool) {}
+    fn update_memory(&self, mem: Memory) -> io::Result<()> {
+        *self.mem.write().unwrap() = Some(mem);
+        Ok(())
+    }
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _: EventSet,
+        vrings: &[VringRwLock],
+        _: usize,
+    ) -> io::Result<()> {
+        assert_eq!(device_event, 0, "only queue 0 is served");
+        let mem = self.mem.read().unwrap().clone().unwrap();
+        loop {
+            let n = self.answered.load(std::sync::atomic::Ordering::SeqCst) + 1;
+            if !complete_one(&vrings[0], &mem, &[n]) {
+                return Ok(());
+            }
+            self.answered.store(n, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
+fn count(d: &mut VirtioPciDriver) -> u8 {
+    let buf = d.memory().alloc(1, 64).unwrap();
+    let head = d.add_chain(0, &[(buf.iova, 1, true)]).unwrap();
+    d.kick(0).unwrap();
+    assert_eq!(d.wait_used(0, TIMEOUT).unwrap(), (head, 1));
+    let mut b = [0u8];
+    d.memory().read(buf.iova, &mut b).unwrap();
+    d.memory().free(buf).unwrap();
+    b[0]
+}
+
+/// What a backend sees across vfio-user clients: upstream's `loop { new backend; new
+/// daemon; serve }` gets a fresh backend per client through the daemon surface; the
+/// export API keeps one device (reset between clients) whose backend state lives on.
+#[test]
+fn across_clients_a_fresh_backend_per_session_or_one_kept() {
+    use unidev_transports::export::{Export, ExportOptions, VfioUser};
+    let dir = common::test_dir("surface-sessions");
+    let sock = dir.join("counter.sock");
+    let made = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let server = {
+        let (sock, made) = (sock.clone(), made.clone());
+        std::thread::spawn(move || {
+            for _ in 0..2 {
+                made.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut daemon = VhostUserDaemon::new(
+                    "counter".into(),
+                    Counter::new(),
+                    GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+                )
+                .unwrap();
+                daemon
+                    .serve(DaemonAddress::vfio_user(&sock, VIRTIO_ID_TEST))
+                    .unwrap();
+            }
+        })
+    };
+    for session in 0..2 {
+        wait_socket(&sock);
+        let deadline = Instant::now() + TIMEOUT;
+        let mut d = loop {
+            match VfioUserClient::connect(&sock) {
+                Ok(client) => {
+                    let mut d = VirtioPciDriver::new(
+                        client,
+                        DriverOptions {
+                            features: VERSION_1,
+                            num_queues: Some(2),
+                            queue_size: 16,
+                            memory_size: 4 << 20,
+                            ..DriverOptions::default()
+                        },
+                    )
+                    .unwrap();
+                    d.init().unwrap();
+                    break d;
+                }
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "session {session}: {e}");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        };
+        // Queue 1 is in no worker's mask: it starts (no DEVICE_NEEDS_RESET) and is left
+        // alone.
+        assert_eq!(d.device_status().unwrap() & STATUS_NEEDS_RESET, 0);
+        assert_eq!(
+            (count(&mut d), count(&mut d)),
+            (1, 2),
+            "session {session}: fresh"
+        );
+        drop(d);
+    }
+    server.join().unwrap();
+    assert_eq!(made.load(std::sync::atomic::Ordering::SeqCst), 2);
+
+    // The export API: one device for every client; the backend's own state is kept.
+    let sock = dir.join("kept.sock");
+    let running = Export::virtio("kept", VIRTIO_ID_TEST, Counter::new())
+        .serve(VfioUser::new(&sock), &ExportOptions::default())
+        .unwrap()
+        .spawn()
+        .unwrap();
+    for want in [(1, 2), (3, 4)] {
+        let mut d = pci_driver(&sock, 2);
+        assert_eq!((count(&mut d), count(&mut d)), want);
+    }
+    running.stop().unwrap();
+}

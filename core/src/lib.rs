@@ -6,6 +6,8 @@
 //! * [`dispatch`] — the epoll event loop transports and device workers share.
 //! * [`virtio`] — virtio devices: any `VhostUserBackend` on the shared dispatch, and
 //!   the virtio-pci function that exports it to PCI transports.
+//! * [`rust_vmm`] — the rust-vmm crates unidev builds on, re-exported in the versions
+//!   it uses (and what to do when a backend uses others).
 //! * [`sandbox`] — optional seccomp filters for the threads that handle guest data.
 //! * [`limits`] — kernel limits (open files, memory maps) and privileges, named in errors.
 //! * [`sync`] — the poison-tolerant lock every shared structure is taken with.
@@ -44,6 +46,7 @@ pub mod irq;
 pub mod limits;
 pub mod memory;
 pub mod pci;
+pub mod rust_vmm;
 pub mod sandbox;
 pub mod sync;
 pub mod virtio;
