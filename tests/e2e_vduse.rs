@@ -76,28 +76,7 @@ fn static_unidev() -> PathBuf {
         if let Some(p) = std::env::var_os("UNIDEV_STATIC_BIN") {
             return Ok(PathBuf::from(p));
         }
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let target_dir = root.join("target/static");
-        let triple = "x86_64-unknown-linux-gnu";
-        let out = Command::new(option_env!("CARGO").unwrap_or("cargo"))
-            .current_dir(root)
-            .args(["build", "--release", "--target", triple, "--bin", "unidev"])
-            .env("CARGO_TARGET_DIR", &target_dir)
-            .env("RUSTFLAGS", "-C target-feature=+crt-static")
-            // No debug info: a faster build and a small initramfs (symbols stay).
-            .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
-            .env("CARGO_PROFILE_RELEASE_STRIP", "debuginfo")
-            // It would take precedence over RUSTFLAGS.
-            .env_remove("CARGO_ENCODED_RUSTFLAGS")
-            .output()
-            .map_err(|e| format!("cannot run cargo: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "the static build failed (glibc's static libraries come with libc6-dev):\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        Ok(target_dir.join(triple).join("release/unidev"))
+        static_build(&["--bin", "unidev"], "unidev")
     });
     let bin = built.clone().unwrap_or_else(|e| panic!("{e}"));
     match is_static_elf(&bin) {
@@ -108,6 +87,54 @@ fn static_unidev() -> PathBuf {
         ),
         Err(e) => panic!("{e}"),
     }
+}
+
+/// `examples/daemon_blk.rs` linked statically, built once per test process beside the
+/// static unidev (`UNIDEV_STATIC_DAEMON_BLK` names a ready one instead).
+fn static_daemon_blk() -> PathBuf {
+    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let built = BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("UNIDEV_STATIC_DAEMON_BLK") {
+            return Ok(PathBuf::from(p));
+        }
+        static_build(&["--example", "daemon_blk"], "examples/daemon_blk")
+    });
+    let bin = built.clone().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        is_static_elf(&bin),
+        Ok(true),
+        "{} is not static",
+        bin.display()
+    );
+    bin
+}
+
+/// `cargo build --release` of `what` linked statically into `target/static`; the path of
+/// `artifact` (relative to the release directory).
+fn static_build(what: &[&str], artifact: &str) -> Result<PathBuf, String> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let target_dir = root.join("target/static");
+    let triple = "x86_64-unknown-linux-gnu";
+    let out = Command::new(option_env!("CARGO").unwrap_or("cargo"))
+        .current_dir(root)
+        .args(["build", "--release", "--target", triple])
+        .args(what)
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        // No debug info: a faster build and a small initramfs (symbols stay).
+        .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
+        .env("CARGO_PROFILE_RELEASE_STRIP", "debuginfo")
+        // It would take precedence over RUSTFLAGS.
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .output()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "the static build failed (glibc's static libraries come with libc6-dev):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(target_dir.join(triple).join("release").join(artifact))
 }
 
 /// A zeroed image with the host's marker at 1 MiB.
@@ -139,8 +166,12 @@ fn seccomp_policy() -> String {
 
 /// Boot the guest on `scenario` (two vCPUs: virtio_blk uses one queue per CPU at most).
 fn run_scenario(dir: &Path, scenario: &str, qemu_args: &[String]) -> GuestRun {
+    let mut files = vec![(static_unidev(), "/bin/unidev".into())];
+    if scenario == "daemon-surface" {
+        files.push((static_daemon_blk(), "/bin/daemon-blk".into()));
+    }
     let options = GuestOptions {
-        files: vec![(static_unidev(), "/bin/unidev".into())],
+        files,
         smp: Some(2),
         ..GuestOptions::default()
     };
@@ -332,6 +363,32 @@ fn killed_daemon_io_waits_and_a_new_daemon_takes_the_device_over() {
     // Both daemons' writes are in the image: the one killed, and the one that took over.
     assert_pattern_in_image(&run, &image, "A");
     assert_pattern_in_image(&run, &image, "B");
+    assert_host_marker_kept(&image);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An upstream-style main on the drop-in daemon surface (`examples/daemon_blk.rs`) serves
+/// over VDUSE by changing only the address it serves on: the guest's virtio_blk uses the
+/// host's image through it, and ending its session removes the devices.
+#[test]
+fn an_upstream_style_main_serves_over_vduse() {
+    let dir = test_dir("e2e-vduse-daemon-surface");
+    let image = host_image(&dir);
+    let run = run_scenario(&dir, "daemon-surface", &image_drive(&image));
+    assert_passed(
+        &run,
+        &[
+            "ds-disk-present",
+            "ds-bound-virtio-vdpa",
+            "ds-image-marker-read",
+            "pattern-C-read-back",
+            "ds-daemon-exits",
+            "ds-exit-status",
+            "ds-vdpa-device-gone",
+            "ds-vduse-device-gone",
+        ],
+    );
+    assert_pattern_in_image(&run, &image, "C");
     assert_host_marker_kept(&image);
     let _ = std::fs::remove_dir_all(&dir);
 }

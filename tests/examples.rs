@@ -295,3 +295,73 @@ fn virtio_ramdisk_over_vduse_says_what_is_missing() {
     );
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// `examples/daemon_blk.rs`, an upstream-style main on the drop-in daemon surface: it
+/// serves one session (the image file gets the writes) and exits when the client goes,
+/// as a vhost-device daemon does — over vfio-user and over vhost-user.
+#[test]
+fn an_upstream_style_main_serves_one_session_over_vfio_user_and_vhost_user() {
+    for transport in ["vfio-user", "vhost-user"] {
+        let dir = common::test_dir(&format!("example-daemon-blk-{transport}"));
+        let sock = dir.join("blk.sock");
+        let image = dir.join("disk.img");
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let example = Running::start(
+            "daemon_blk",
+            &[transport, sock.to_str().unwrap(), image.to_str().unwrap()],
+        );
+        wait_socket(&sock);
+        let data: Vec<u8> = (0..4096u32).map(|i| (i % 253) as u8).collect();
+        if transport == "vfio-user" {
+            let client = VfioUserClient::connect(&sock).unwrap();
+            let options = DriverOptions {
+                features: BLK_F_FLUSH,
+                num_queues: Some(1),
+                queue_size: 64,
+                memory_size: 4 << 20,
+                ..DriverOptions::default()
+            };
+            let mut d = VirtioPciDriver::new(client, options).unwrap();
+            d.init().unwrap();
+            assert_eq!(d.virtio_device_type(), Some(2));
+            let c = d
+                .blk_request(0, &VirtioBlkRequest::write(8, &data), TIMEOUT)
+                .unwrap();
+            assert_eq!(c.status, S_OK);
+            let back = d
+                .blk_request(0, &VirtioBlkRequest::read(8, 4096), TIMEOUT)
+                .unwrap();
+            assert_eq!((back.status, &back.data), (S_OK, &data));
+        } else {
+            let mem = DriverMemory::new(4 << 20, 0x1_0000_0000).unwrap();
+            let features = VERSION_1 | PROTOCOL_FEATURES | BLK_F_FLUSH;
+            let protocol = VhostUserProtocolFeatures::REPLY_ACK
+                | VhostUserProtocolFeatures::MQ
+                | VhostUserProtocolFeatures::CONFIG;
+            let ring = VhostUserRing::connect(&sock, &mem, features, protocol, 64).unwrap();
+            let (fe, mut vq, kick) = (ring.fe, ring.vq, ring.kick);
+            let c =
+                vhost_user::blk_request(&mem, &mut vq, &kick, &VirtioBlkRequest::write(8, &data))
+                    .unwrap();
+            assert_eq!(c.status, S_OK);
+            drop(fe);
+        }
+        // The session ended with the client: the example exits on its own.
+        let mut child = example;
+        let end = Instant::now() + TIMEOUT;
+        let status = loop {
+            if let Some(st) = child.0.try_wait().unwrap() {
+                break st;
+            }
+            assert!(Instant::now() < end, "{transport}: the daemon did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(status.success(), "{transport}: {status:?}");
+        let on_disk = std::fs::read(&image).unwrap();
+        assert_eq!(&on_disk[8 * 512..8 * 512 + 4096], &data[..], "{transport}");
+        assert!(!sock.exists(), "{transport}: the socket is removed");
+    }
+}

@@ -340,7 +340,44 @@ scenario_kill() {
     cat /tmp/unidev-1.log
 }
 
+# daemon-surface: examples/daemon_blk (an upstream-style main on unidev's drop-in for
+# vhost-user-backend's daemon; /bin/daemon-blk) serves the host's image as a VDUSE
+# virtio-blk attached to virtio_vdpa; the guest writes and reads a pattern; a line on the
+# daemon's stdin ends its session: the vDPA and VDUSE devices go, and it exits 0.
+scenario_daemon_surface() {
+    img=$(host_disk) || { e2e_fail host-disk "no disk with serial unidev-image"; e2e_finish; }
+    mkfifo /tmp/daemon-blk.in
+    RUST_LOG=${UNIDEV_LOG:-info} daemon-blk vduse $NAME "$img" </tmp/daemon-blk.in \
+        >/tmp/daemon-blk.log 2>&1 &
+    pid=$!
+    # Hold the fifo open so that the daemon's stdin stays open until we write.
+    exec 7>/tmp/daemon-blk.in
+    wait_disk ds /tmp/daemon-blk.log
+    drv=$(basename "$(readlink /sys/bus/vdpa/devices/$NAME/driver)")
+    if [ "$drv" = virtio_vdpa ]; then e2e_pass ds-bound-virtio-vdpa; else
+        e2e_fail ds-bound-virtio-vdpa "bound to '$drv'"
+    fi
+    got=$(dd if="$disk" bs=512 skip=2048 count=1 2>/dev/null | head -c 19)
+    if [ "$got" = UNIDEV-IMAGE-MARKER ]; then e2e_pass ds-image-marker-read; else
+        e2e_fail ds-image-marker-read "read '$got'"
+    fi
+    write_pattern C 6
+    echo stop >&7
+    exec 7>&-
+    if e2e_wait_for 30 sh -c "! kill -0 $pid"; then e2e_pass ds-daemon-exits; else
+        e2e_fail ds-daemon-exits "still running"
+    fi
+    wait $pid
+    _rc=$?
+    if [ $_rc = 0 ]; then e2e_pass ds-exit-status; else e2e_fail ds-exit-status "status $_rc"; fi
+    e2e_check ds-vdpa-device-gone test ! -e /sys/bus/vdpa/devices/$NAME
+    e2e_check ds-vduse-device-gone test ! -e /dev/vduse/$NAME
+    echo "---- /tmp/daemon-blk.log"
+    cat /tmp/daemon-blk.log
+}
+
 case $scenario in
+daemon-surface) scenario_daemon_surface ;;
 virtio-vdpa) scenario_virtio_vdpa ;;
 vhost-vdpa) scenario_vhost_vdpa ;;
 kill) scenario_kill ;;
