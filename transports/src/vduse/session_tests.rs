@@ -35,6 +35,7 @@ struct FakeDevice {
     log: Mutex<DeviceLog>,
     stop_at: u16,
     refuse_start: std::sync::atomic::AtomicBool,
+    health: Arc<unidev_core::virtio::DeviceHealth>,
 }
 
 impl FakeDevice {
@@ -47,6 +48,7 @@ impl FakeDevice {
             }),
             stop_at: 7,
             refuse_start: std::sync::atomic::AtomicBool::new(false),
+            health: Arc::new(unidev_core::virtio::DeviceHealth::new("fake").unwrap()),
         })
     }
 }
@@ -100,6 +102,10 @@ impl VirtioDevice for FakeDevice {
     }
     fn reset(&self) {
         self.log.lock().unwrap().resets += 1;
+        self.health.clear();
+    }
+    fn health(&self) -> Option<Arc<unidev_core::virtio::DeviceHealth>> {
+        Some(self.health.clone())
     }
 }
 
@@ -462,6 +468,7 @@ fn losing_driver_ok_stops_queues_and_a_refused_start_fails_the_status() {
         }),
         stop_at: 0,
         refuse_start: std::sync::atomic::AtomicBool::new(true),
+        health: Arc::new(unidev_core::virtio::DeviceHealth::new("fake").unwrap()),
     });
     let mut h = Harness::start(device.clone());
     assert_eq!(h.status(0x0b), VDUSE_REQ_RESULT_OK);
@@ -556,5 +563,39 @@ fn status_writes_follow_the_shared_rules() {
     // A driver clearing bits without a reset: refused, nothing stops.
     assert_eq!(h.status(0x03), VDUSE_REQ_RESULT_FAILED);
     assert!(h.device.log.lock().unwrap().stopped.is_empty());
+    h.stop().unwrap();
+}
+
+/// A backend failure (a panic the device contained) stops the device's queues; the driver's
+/// reset clears it and the device starts again.
+#[test]
+fn a_failed_device_stops_its_queues_until_the_driver_resets_it() {
+    let mut h = Harness::start(FakeDevice::new());
+    assert_eq!(h.status(0x0b), VDUSE_REQ_RESULT_OK);
+    assert_eq!(h.status(0x0f), VDUSE_REQ_RESULT_OK);
+    assert!(h.device.log.lock().unwrap().stopped.is_empty());
+    h.device
+        .health
+        .fail("the backend panicked in handle_event: test");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while h.device.log.lock().unwrap().stopped.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the queues were not stopped"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(h.status(0), VDUSE_REQ_RESULT_OK);
+    assert!(
+        !h.device.health.is_failed(),
+        "the reset cleared the failure"
+    );
+    let started = h.device.log.lock().unwrap().started.len();
+    assert_eq!(h.status(0x0b), VDUSE_REQ_RESULT_OK);
+    assert_eq!(h.status(0x0f), VDUSE_REQ_RESULT_OK);
+    assert!(
+        h.device.log.lock().unwrap().started.len() > started,
+        "started again"
+    );
     h.stop().unwrap();
 }
