@@ -11,7 +11,7 @@
 //! | [`VhostUserProxy::connect`] | SET_OWNER, GET_FEATURES, GET/SET_PROTOCOL_FEATURES, GET_QUEUE_NUM |
 //! | `features` | the backend's features minus `VHOST_USER_F_PROTOCOL_FEATURES` (bit 30) |
 //! | `set_driver_features` | SET_FEATURES (plus bit 30 when protocol features were negotiated) |
-//! | `read_config` / `write_config` | GET_CONFIG / SET_CONFIG (CONFIG protocol feature; else zeros / ignored) |
+//! | `read_config` / `write_config` | GET_CONFIG / SET_CONFIG (CONFIG protocol feature; else zeros / ignored), except the fields the proxy keeps itself (below) |
 //! | every memory snapshot change | SET_MEM_TABLE |
 //! | `start_queue` | SET_VRING_NUM, _ADDR, _BASE, _CALL, _KICK, _ENABLE(1) |
 //! | `set_queue_call` | SET_VRING_CALL |
@@ -29,6 +29,19 @@
 //! on a notify write, and the call eventfd (the client's MSI-X irqfd when it has one) are
 //! handed to the backend as they are, so neither kicks nor completions pass through
 //! this process.
+//!
+//! # Config fields the proxy keeps
+//!
+//! Behind vhost-user, QEMU's device model decides which config writes reach the backend.
+//! For some device types it keeps the driver-writable fields itself and never sends
+//! SET_CONFIG, and upstream backends of those types rely on it (vhost-device-scsi panics
+//! on SET_CONFIG, which ends its process). The proxy is the device model here, so for
+//! those types it does the same: the driver's writes to those fields are stored and read
+//! back (until a reset), writes elsewhere are dropped, and nothing is sent:
+//!
+//! | device type | fields kept | as QEMU's |
+//! |---|---|---|
+//! | virtio-scsi (8) | `sense_size`, `cdb_size` | vhost-user-scsi |
 //!
 //! # Limits
 //!
@@ -78,6 +91,20 @@ pub const CONFIG_SPACE_MAX: u32 = 256;
 
 /// Most regions SET_MEM_TABLE can carry.
 pub const MAX_MEM_TABLE_REGIONS: usize = 8;
+
+/// virtio-scsi's device type.
+const VIRTIO_ID_SCSI: u32 = 8;
+
+/// The driver-writable config fields (byte ranges) the proxy keeps itself for device type
+/// `virtio_id`, never sending SET_CONFIG: see "Config fields the proxy keeps" above. None:
+/// config writes go to the backend.
+fn kept_config_fields(virtio_id: u32) -> Option<&'static [std::ops::Range<u32>]> {
+    match virtio_id {
+        // struct virtio_scsi_config: sense_size at 20, cdb_size at 24 (virtio 1.2 5.6.4).
+        VIRTIO_ID_SCSI => Some(&[20..28]),
+        _ => None,
+    }
+}
 
 /// Protocol features the proxy uses when the backend offers them.
 fn wanted_protocol_features() -> VhostUserProtocolFeatures {
@@ -140,6 +167,8 @@ struct Inner {
     /// The memory table the backend has now.
     table: Vec<TableKey>,
     queues: Vec<QueueSlot>,
+    /// Config bytes the driver wrote that the proxy keeps (`kept_config_fields`), by offset.
+    kept_config: std::collections::BTreeMap<u32, u8>,
 }
 
 /// A virtio device whose queues run in an external vhost-user backend process.
@@ -320,6 +349,7 @@ impl VhostUserProxy {
                 driver_features: None,
                 table: Vec::new(),
                 queues: (0..num_queues).map(|_| QueueSlot::default()).collect(),
+                kept_config: Default::default(),
             }),
         });
         // Memory that is already there, then every later change.
@@ -535,6 +565,39 @@ impl VhostUserProxy {
         })
     }
 
+    /// The backend's config (GET_CONFIG) at `offset` into `data` (zeroed by the caller),
+    /// when it has the CONFIG protocol feature.
+    fn read_backend_config(&self, inner: &mut Inner, offset: u32, data: &mut [u8]) {
+        let has_config = inner
+            .session
+            .as_ref()
+            .is_some_and(|s| s.protocol.contains(VhostUserProtocolFeatures::CONFIG));
+        if !has_config || offset >= CONFIG_SPACE_MAX || data.is_empty() {
+            return;
+        }
+        let len = data.len().min((CONFIG_SPACE_MAX - offset) as usize);
+        // Ask from offset 0, as QEMU's frontend always does: libvhost-user based
+        // backends (qemu-storage-daemon's exports) ignore the offset field.
+        let whole = offset as usize + len;
+        let res = self.exchange(inner, "GET_CONFIG", |s| {
+            s.fe.get_config(
+                0,
+                whole as u32,
+                VhostUserConfigFlags::empty(),
+                &vec![0u8; whole],
+            )
+        });
+        match res {
+            Ok((_, payload)) => {
+                let part = payload.get(offset as usize..).unwrap_or(&[]);
+                let n = part.len().min(len);
+                data[..n].copy_from_slice(&part[..n]);
+            }
+            // The backend's config may be shorter than asked: zeros past its end.
+            Err(e) => debug!("config read {offset:#x}+{len}: {e}"),
+        }
+    }
+
     /// Close the connection to the backend (a vhost-user backend typically exits when
     /// its frontend leaves). Later operations fail until [`reconnect`](Self::reconnect).
     pub fn disconnect(&self) {
@@ -614,38 +677,31 @@ impl VirtioDevice for VhostUserProxy {
     fn read_config(&self, offset: u32, data: &mut [u8]) {
         data.fill(0);
         let mut inner = self.lock();
-        let has_config = inner
-            .session
-            .as_ref()
-            .is_some_and(|s| s.protocol.contains(VhostUserProtocolFeatures::CONFIG));
-        if !has_config || offset >= CONFIG_SPACE_MAX || data.is_empty() {
-            return;
-        }
-        let len = data.len().min((CONFIG_SPACE_MAX - offset) as usize);
-        // Ask from offset 0, as QEMU's frontend always does: libvhost-user based
-        // backends (qemu-storage-daemon's exports) ignore the offset field.
-        let whole = offset as usize + len;
-        let res = self.exchange(&mut inner, "GET_CONFIG", |s| {
-            s.fe.get_config(
-                0,
-                whole as u32,
-                VhostUserConfigFlags::empty(),
-                &vec![0u8; whole],
-            )
-        });
-        match res {
-            Ok((_, payload)) => {
-                let part = payload.get(offset as usize..).unwrap_or(&[]);
-                let n = part.len().min(len);
-                data[..n].copy_from_slice(&part[..n]);
+        self.read_backend_config(&mut inner, offset, data);
+        // What the driver wrote to the fields kept here.
+        for (i, b) in data.iter_mut().enumerate() {
+            if let Some(v) = u32::try_from(i)
+                .ok()
+                .and_then(|i| offset.checked_add(i))
+                .and_then(|at| inner.kept_config.get(&at))
+            {
+                *b = *v;
             }
-            // The backend's config may be shorter than asked: zeros past its end.
-            Err(e) => debug!("config read {offset:#x}+{len}: {e}"),
         }
     }
 
     fn write_config(&self, offset: u32, data: &[u8]) {
         let mut inner = self.lock();
+        if let Some(fields) = kept_config_fields(self.virtio_id) {
+            for (at, b) in (offset..).zip(data) {
+                if fields.iter().any(|f| f.contains(&at)) {
+                    inner.kept_config.insert(at, *b);
+                } else {
+                    debug!("config write at {at:#x}: a read-only field, dropped");
+                }
+            }
+            return;
+        }
         let has_config = inner
             .session
             .as_ref()
@@ -738,6 +794,7 @@ impl VirtioDevice for VhostUserProxy {
         }
         let mut inner = self.lock();
         inner.driver_features = None;
+        inner.kept_config.clear();
         let reset_device = inner
             .session
             .as_ref()
