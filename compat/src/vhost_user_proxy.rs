@@ -101,7 +101,7 @@ const VIRTIO_ID_SCSI: u32 = 8;
 fn kept_config_fields(virtio_id: u32) -> Option<&'static [std::ops::Range<u32>]> {
     match virtio_id {
         // struct virtio_scsi_config: sense_size at 20, cdb_size at 24 (virtio 1.2 5.6.4).
-        VIRTIO_ID_SCSI => Some(&[20..28]),
+        VIRTIO_ID_SCSI => Some(&[20..24, 24..28]),
         _ => None,
     }
 }
