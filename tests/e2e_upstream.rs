@@ -185,7 +185,7 @@ fn virtio_scsi_disk_of_vhost_device_scsi() {
     // does, and vhost-device-scsi 0.1.0 is built on vhost-user-backend 0.10, which keeps
     // the used index of the previous driver across SET_VRING_BASE (fixed upstream in
     // 0.11, rust-vmm/vhost#180): Linux then sees completions at the wrong slots ("id 0
-    // is not a head") and no disk. QEMU in front of the same daemon has the same problem.
+    // is not a head") and no disk.
     let guest = run_guest_args(
         &dir,
         "scsi-init.sh",
