@@ -29,7 +29,8 @@
 //! (`--block-size 4096` is `block_size = 4096`; a flag is `true` or `false`), parsed by
 //! the very same definitions (`devices/`): gpio: `inputs`; virtio-blk: `file`,
 //! `readonly`, `queues`, `direct`, `block_size`, `poll_us`, `notify_mmap`; virtio-rng:
-//! `poll_us`, `notify_mmap`; vhost-user-proxy: `backend_socket`, `virtio_id`, `queues`.
+//! `poll_us`, `notify_mmap`; vhost-user-proxy: `backend_socket`, `virtio_id`, `queues`,
+//! `max_queue_size`.
 //! Every device also takes `max_dma_maps`. A transport that listens on a socket
 //! (vfio-user, vhost-user) needs `socket`, and `socket_mode`, `socket_group`
 //! (`--socket-group`) and `allow_uids` (`--allow-uid`, at least one uid when given) are

@@ -481,3 +481,34 @@ fn every_device_kind_is_a_devices_file_type() {
         "{err}"
     );
 }
+
+/// vhost-user-proxy's `--max-queue-size` (the largest ring offered to the driver, which a
+/// backend such as vhost-device-scsi caps at 128) must be a power of two; a valid one is
+/// taken (the daemon then goes on to connect to the backend).
+#[test]
+fn proxy_max_queue_size_is_a_power_of_two() {
+    let dir = test_dir("proxy-queue-size");
+    let sock = dir.join("p.sock");
+    let backend = dir.join("nobody.sock");
+    let run = |size: &str| {
+        Command::new(unidev_bin())
+            .args(["serve", "--transport", "vfio-user", "--socket-path"])
+            .arg(&sock)
+            .args(["vhost-user-proxy", "--backend-socket"])
+            .arg(&backend)
+            .args(["--virtio-id", "8", "--max-queue-size", size])
+            .output()
+            .unwrap()
+    };
+    let out = run("100");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("100 is not a power of two"), "{err}");
+    let out = run("128");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("cannot use the backend at") && !err.contains("power of two"),
+        "{err}"
+    );
+}

@@ -5,6 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tests/e2e/setup.sh >/dev/null
+# The upstream vhost-user daemons tests/e2e_upstream.rs runs behind vhost-user-proxy
+# (cargo install of crates.io releases into the same cache: minutes once, then seconds).
+bash tests/e2e/setup-upstream.sh >/dev/null
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 status=0

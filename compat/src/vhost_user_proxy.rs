@@ -11,7 +11,7 @@
 //! | [`VhostUserProxy::connect`] | SET_OWNER, GET_FEATURES, GET/SET_PROTOCOL_FEATURES, GET_QUEUE_NUM |
 //! | `features` | the backend's features minus `VHOST_USER_F_PROTOCOL_FEATURES` (bit 30) |
 //! | `set_driver_features` | SET_FEATURES (plus bit 30 when protocol features were negotiated) |
-//! | `read_config` / `write_config` | GET_CONFIG / SET_CONFIG (CONFIG protocol feature; else zeros / ignored) |
+//! | `read_config` / `write_config` | GET_CONFIG / SET_CONFIG (CONFIG protocol feature; else zeros / ignored) — behind the device model of the transport (below) |
 //! | every memory snapshot change | SET_MEM_TABLE |
 //! | `start_queue` | SET_VRING_NUM, _ADDR, _BASE, _CALL, _KICK, _ENABLE(1) |
 //! | `set_queue_call` | SET_VRING_CALL |
@@ -29,6 +29,16 @@
 //! on a notify write, and the call eventfd (the client's MSI-X irqfd when it has one) are
 //! handed to the backend as they are, so neither kicks nor completions pass through
 //! this process.
+//!
+//! # Config space: the device model decides
+//!
+//! Behind vhost-user, QEMU's device model decides which config accesses reach the
+//! backend; behind unidev, the transport's device model does (`unidev_core::virtio::config`,
+//! which `VirtioPci` and VDUSE put in front of every device): the proxy reports whether
+//! the backend serves its config (`serves_config`: the CONFIG protocol feature) and
+//! forwards what it is given. So virtio-scsi's `sense_size`/`cdb_size`, which Linux writes
+//! at probe and vhost-device-scsi answers with a panic, never reach the backend, as with
+//! QEMU's vhost-user-scsi.
 //!
 //! # Limits
 //!
@@ -62,7 +72,7 @@ use std::time::Duration;
 use log::{debug, error, info, warn};
 use unidev_core::memory::{DmaSpace, GuestMemorySnapshot};
 use unidev_core::sync::lock;
-use unidev_core::virtio::{QueueConfig, QueueError, VirtioDevice};
+use unidev_core::virtio::{DeviceHealth, QueueConfig, QueueError, VirtioDevice};
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag};
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -151,6 +161,9 @@ pub struct VhostUserProxy {
     dma: Arc<DmaSpace>,
     /// Signalled by the backend when a queue has no call fd: nobody listens.
     spare_call: EventFd,
+    /// Failed when the backend hangs up or its connection breaks: the transport tells
+    /// the driver the device needs a reset.
+    health: Arc<DeviceHealth>,
     inner: Mutex<Inner>,
 }
 
@@ -314,6 +327,10 @@ impl VhostUserProxy {
             options,
             dma: dma.clone(),
             spare_call: EventFd::new(EFD_NONBLOCK)?,
+            health: Arc::new(DeviceHealth::new(format!(
+                "vhost-user-proxy {}",
+                socket.display()
+            ))?),
             inner: Mutex::new(Inner {
                 session: Some(session),
                 backend_features,
@@ -387,6 +404,7 @@ impl VhostUserProxy {
                 self.socket.display()
             );
             inner.session = None;
+            self.health.fail("the vhost-user backend hung up");
         }
         !gone
     }
@@ -416,6 +434,9 @@ impl VhostUserProxy {
                         self.socket.display()
                     );
                     inner.session = None;
+                    self.health.fail(format!(
+                        "the vhost-user backend's connection broke ({what})"
+                    ));
                 } else {
                     warn!(
                         "vhost-user backend {}: {what} refused: {e}",
@@ -535,6 +556,39 @@ impl VhostUserProxy {
         })
     }
 
+    /// The backend's config (GET_CONFIG) at `offset` into `data` (zeroed by the caller),
+    /// when it has the CONFIG protocol feature.
+    fn read_backend_config(&self, inner: &mut Inner, offset: u32, data: &mut [u8]) {
+        let has_config = inner
+            .session
+            .as_ref()
+            .is_some_and(|s| s.protocol.contains(VhostUserProtocolFeatures::CONFIG));
+        if !has_config || offset >= CONFIG_SPACE_MAX || data.is_empty() {
+            return;
+        }
+        let len = data.len().min((CONFIG_SPACE_MAX - offset) as usize);
+        // Ask from offset 0, as QEMU's frontend always does: libvhost-user based
+        // backends (qemu-storage-daemon's exports) ignore the offset field.
+        let whole = offset as usize + len;
+        let res = self.exchange(inner, "GET_CONFIG", |s| {
+            s.fe.get_config(
+                0,
+                whole as u32,
+                VhostUserConfigFlags::empty(),
+                &vec![0u8; whole],
+            )
+        });
+        match res {
+            Ok((_, payload)) => {
+                let part = payload.get(offset as usize..).unwrap_or(&[]);
+                let n = part.len().min(len);
+                data[..n].copy_from_slice(&part[..n]);
+            }
+            // The backend's config may be shorter than asked: zeros past its end.
+            Err(e) => debug!("config read {offset:#x}+{len}: {e}"),
+        }
+    }
+
     /// Close the connection to the backend (a vhost-user backend typically exits when
     /// its frontend leaves). Later operations fail until [`reconnect`](Self::reconnect).
     pub fn disconnect(&self) {
@@ -562,6 +616,7 @@ impl VhostUserProxy {
         }
         inner.backend_features = features;
         inner.session = Some(session);
+        self.health.clear();
         if let Some(f) = inner.driver_features {
             self.send_features(&mut inner, f & features)?;
         }
@@ -611,6 +666,10 @@ impl VirtioDevice for VhostUserProxy {
         self.lock().backend_features & !VHOST_USER_F_PROTOCOL_FEATURES
     }
 
+    fn health(&self) -> Option<Arc<DeviceHealth>> {
+        Some(self.health.clone())
+    }
+
     fn serves_config(&self) -> bool {
         self.lock()
             .session
@@ -621,34 +680,7 @@ impl VirtioDevice for VhostUserProxy {
     fn read_config(&self, offset: u32, data: &mut [u8]) {
         data.fill(0);
         let mut inner = self.lock();
-        let has_config = inner
-            .session
-            .as_ref()
-            .is_some_and(|s| s.protocol.contains(VhostUserProtocolFeatures::CONFIG));
-        if !has_config || offset >= CONFIG_SPACE_MAX || data.is_empty() {
-            return;
-        }
-        let len = data.len().min((CONFIG_SPACE_MAX - offset) as usize);
-        // Ask from offset 0, as QEMU's frontend always does: libvhost-user based
-        // backends (qemu-storage-daemon's exports) ignore the offset field.
-        let whole = offset as usize + len;
-        let res = self.exchange(&mut inner, "GET_CONFIG", |s| {
-            s.fe.get_config(
-                0,
-                whole as u32,
-                VhostUserConfigFlags::empty(),
-                &vec![0u8; whole],
-            )
-        });
-        match res {
-            Ok((_, payload)) => {
-                let part = payload.get(offset as usize..).unwrap_or(&[]);
-                let n = part.len().min(len);
-                data[..n].copy_from_slice(&part[..n]);
-            }
-            // The backend's config may be shorter than asked: zeros past its end.
-            Err(e) => debug!("config read {offset:#x}+{len}: {e}"),
-        }
+        self.read_backend_config(&mut inner, offset, data);
     }
 
     fn write_config(&self, offset: u32, data: &[u8]) {
@@ -743,6 +775,8 @@ impl VirtioDevice for VhostUserProxy {
         for index in 0..self.num_queues {
             let _ = self.stop_queue(index);
         }
+        // Tried again: a backend still gone fails the device at the next exchange.
+        self.health.clear();
         let mut inner = self.lock();
         inner.driver_features = None;
         let reset_device = inner

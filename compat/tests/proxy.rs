@@ -299,6 +299,9 @@ fn backend_death_fails_cleanly_and_reconnect_recovers() {
     );
     assert!(r.is_err(), "a request to a dead backend completed: {r:?}");
     assert!(!proxy.is_alive());
+    // The device says it needs a reset (the driver reads DEVICE_NEEDS_RESET).
+    assert!(proxy.health().is_some_and(|h| h.is_failed()));
+    assert_ne!(d.device_status().unwrap() & 0x40, 0, "DEVICE_NEEDS_RESET");
     // Control operations fail cleanly and do not hang: a driver re-init resets the
     // device (GET_VRING_BASE fails) and cannot start the queue.
     let r = d.init();

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use clap::Args;
 use log::info;
-use unidev_compat::vhost_user_proxy::VhostUserProxy;
+use unidev_compat::vhost_user_proxy::{ProxyOptions, VhostUserProxy};
 use unidev_core::memory::DmaSpace;
 use unidev_core::virtio::config::ConfigValues;
 use unidev_transports::export::Export;
@@ -26,12 +26,26 @@ pub struct VhostUserProxyOptions {
     /// Number of queues to use.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=128))]
     pub queues: u16,
+    /// Largest queue size offered to the driver: at most the backend's own maximum
+    /// (vhost-user cannot ask for it; a larger ring makes the backend refuse
+    /// SET_VRING_NUM). A power of two; vhost-device-scsi takes 128, vhost-device-sound 64.
+    #[arg(long, default_value_t = ProxyOptions::default().max_queue_size,
+        value_parser = parse_queue_size)]
+    pub max_queue_size: u16,
     /// A field of the device configuration unidev keeps for a backend that does not
     /// serve its own (no vhost-user CONFIG protocol feature; virtiofsd, for one):
     /// NAME=VALUE, e.g. `tag=share0` for virtio-fs. Repeatable; the fields are the
     /// spec's for the device type (`unidev_core::virtio::config`).
     #[arg(long = "config", value_name = "NAME=VALUE", value_parser = parse_config_pair)]
     pub config: Vec<(String, String)>,
+}
+
+fn parse_queue_size(s: &str) -> Result<u16, String> {
+    let n: u16 = s.parse().map_err(|e| format!("{e}"))?;
+    if n == 0 || !n.is_power_of_two() {
+        return Err(format!("{n} is not a power of two"));
+    }
+    Ok(n)
 }
 
 fn parse_config_pair(s: &str) -> Result<(String, String), String> {
@@ -75,11 +89,16 @@ impl DeviceOptions for VhostUserProxyOptions {
     fn build(&self, ctx: &BuildContext) -> Result<Built, String> {
         let socket = &self.backend_socket;
         let dma = Arc::new(DmaSpace::new(ctx.max_dma_maps));
-        let proxy = VhostUserProxy::connect(
+        let options = ProxyOptions {
+            max_queue_size: self.max_queue_size,
+            ..ProxyOptions::default()
+        };
+        let proxy = VhostUserProxy::connect_with(
             socket,
             self.virtio_id,
             usize::from(self.queues),
             dma.clone(),
+            options,
         )
         .map_err(|e| {
             format!(
