@@ -1,7 +1,9 @@
 //! An upstream-style backend `main`, as rust-vmm's vhost-device daemons write theirs,
-//! on unidev's drop-in for vhost-user-backend's daemon: the only differences from a
-//! vhost-user-only main are the `use` line naming `VhostUserDaemon` and the address given
-//! to `serve`. The backend is unidev's virtio-blk on an image file.
+//! on unidev's drop-in for vhost-user-backend's daemon: the differences from a
+//! vhost-user-only main are the `use` line naming `VhostUserDaemon` and the address it
+//! serves on. (It uses upstream's `start` + `wait` form, with `start_on` taking the
+//! address, so that stdin can end the session; `serve(address)` is the one-call form.)
+//! The backend is unidev's virtio-blk on an image file.
 //!
 //! ```sh
 //! cargo run --example daemon_blk -- vhost-user /tmp/blk.sock disk.img

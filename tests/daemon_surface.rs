@@ -100,6 +100,9 @@ struct HostToGuest {
     mem: RwLock<Option<Memory>>,
     pending: Mutex<VecDeque<Vec<u8>>>,
     data_ready: EventFd,
+    /// Queue events handled: once the guest's kick was seen, data can reach the guest
+    /// only through the listener.
+    kicks: std::sync::atomic::AtomicUsize,
 }
 
 /// The listener's device event: above the queues (0) and the exit event (1).
@@ -111,6 +114,7 @@ impl HostToGuest {
             mem: RwLock::new(None),
             pending: Mutex::new(VecDeque::new()),
             data_ready: EventFd::new(EFD_NONBLOCK).unwrap(),
+            kicks: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -168,7 +172,10 @@ impl VhostUserBackend for HostToGuest {
     ) -> io::Result<()> {
         assert_eq!(thread, 0);
         match device_event {
-            0 => self.deliver(&vrings[0]),
+            0 => {
+                self.deliver(&vrings[0]);
+                self.kicks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
             DATA_READY => {
                 let _ = self.data_ready.read();
                 self.deliver(&vrings[0]);
@@ -259,8 +266,11 @@ fn a_backend_listener_writes_to_the_guest_over_vfio_user() {
     let buf = d.memory().alloc(64, 64).unwrap();
     let head = d.add_chain(0, &[(buf.iova, 64, true)]).unwrap();
     d.kick(0).unwrap();
-    std::thread::sleep(Duration::from_millis(50));
+    common::wait_for(10, "the kick", || {
+        backend.kicks.load(std::sync::atomic::Ordering::SeqCst) > 0
+    });
     assert!(d.poll_used(0).unwrap().is_none(), "nothing sent yet");
+    // From here on only the listener can deliver.
     backend.send(b"hello guest");
     let (h, len) = d.wait_used(0, TIMEOUT).unwrap();
     assert_eq!((h, len), (head, 11));
@@ -299,15 +309,25 @@ fn a_backend_listener_writes_to_the_guest_over_vhost_user() {
     .unwrap();
     let (fe, mut vq, kick) = (ring.fe, ring.vq, ring.kick);
     let buf = mem.alloc(64, 64).unwrap();
-    let sender = {
-        let backend = backend.clone();
-        std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(100));
-            backend.send(b"from the host");
-        })
+    let head = vq.add_chain(&[(buf.iova, 64, true)]).unwrap();
+    if vq.kick_prepare().unwrap() {
+        kick.write(1).unwrap();
+    }
+    common::wait_for(10, "the kick", || {
+        backend.kicks.load(std::sync::atomic::Ordering::SeqCst) > 0
+    });
+    assert!(vq.poll_used().unwrap().is_none(), "nothing sent yet");
+    // From here on only the listener can deliver.
+    backend.send(b"from the host");
+    let deadline = Instant::now() + TIMEOUT;
+    let used = loop {
+        if let Some((h, len)) = vq.poll_used().unwrap() {
+            assert_eq!(h, head);
+            break len;
+        }
+        assert!(Instant::now() < deadline, "the host's data never arrived");
+        std::thread::sleep(Duration::from_millis(5));
     };
-    let used = run_chain(&mut vq, &kick, &[(buf.iova, 64, true)]).unwrap();
-    sender.join().unwrap();
     assert_eq!(used, 13);
     let mut got = [0u8; 13];
     mem.read(buf.iova, &mut got).unwrap();
@@ -458,6 +478,18 @@ fn a_backend_without_config_is_not_offered_config_over_vhost_user() {
 /// makes it panic (a backend bug a guest can trigger).
 struct Fragile {
     mem: RwLock<Option<Memory>>,
+    /// Panic while holding the vring's lock (as vhost-device-vsock's rx path can),
+    /// which poisons it.
+    hold_vring: bool,
+}
+
+impl Fragile {
+    fn new(hold_vring: bool) -> Arc<Self> {
+        Arc::new(Fragile {
+            mem: RwLock::new(None),
+            hold_vring,
+        })
+    }
 }
 
 impl VhostUserBackend for Fragile {
@@ -491,6 +523,10 @@ impl VhostUserBackend for Fragile {
         let vring = &vrings[0];
         while let Some((head, first, out)) = peek_request(vring, &mem) {
             if first == 0xff {
+                if self.hold_vring {
+                    let _state = vring.get_mut();
+                    panic!("request {head} poisoned the backend and its vring");
+                }
                 panic!("request {head} poisoned the backend");
             }
             let mut written = 0;
@@ -531,21 +567,29 @@ fn ask(d: &mut VirtioPciDriver, value: u8, timeout: Duration) -> Option<u8> {
 
 #[test]
 fn a_backend_panic_costs_its_device_only_over_vfio_user() {
-    let dir = common::test_dir("surface-panic-vfio");
+    panic_costs_its_device_only(false);
+}
+
+/// The backend panics while holding its vring's lock: the lock is poisoned, and unidev
+/// must neither touch that vring again (nor abort when the device is dropped) nor leave
+/// the device unusable: a reset gives it fresh vrings.
+#[test]
+fn a_backend_panic_inside_a_vring_lock_is_recovered_by_a_reset() {
+    panic_costs_its_device_only(true);
+}
+
+fn panic_costs_its_device_only(hold_vring: bool) {
+    let dir = common::test_dir(&format!("surface-panic-vfio-{hold_vring}"));
     let fragile_sock = dir.join("fragile.sock");
     let other_sock = dir.join("other.sock");
     let fragile = serve_daemon(
         "fragile",
-        Arc::new(Fragile {
-            mem: RwLock::new(None),
-        }),
+        Fragile::new(hold_vring),
         DaemonAddress::vfio_user(&fragile_sock, VIRTIO_ID_TEST),
     );
     let other = serve_daemon(
         "other",
-        Arc::new(Fragile {
-            mem: RwLock::new(None),
-        }),
+        Fragile::new(false),
         DaemonAddress::vfio_user(&other_sock, VIRTIO_ID_TEST),
     );
     wait_socket(&fragile_sock);
@@ -606,9 +650,7 @@ fn a_backend_panic_closes_its_vhost_user_connection_only() {
             for _ in 0..2 {
                 let mut daemon = VhostUserDaemon::new(
                     "fragile".into(),
-                    Arc::new(Fragile {
-                        mem: RwLock::new(None),
-                    }),
+                    Fragile::new(false),
                     GuestMemoryAtomic::new(GuestMemoryMmap::new()),
                 )
                 .unwrap();

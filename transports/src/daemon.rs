@@ -32,9 +32,14 @@
 //!   uses the export API instead ([`crate::export`]), which keeps the device for the next
 //!   client.
 //! * `start` takes upstream's `vhost::vhost_user::Listener`; [`start_on`] any address.
-//!   `wait` joins the serving thread; [`shutdown_handle`] / [`request_shutdown`] end it.
+//!   Both return at once (upstream's `start` blocks until a client connects); `wait`
+//!   waits for the session either way; [`shutdown_handle`] / [`request_shutdown`] end it.
+//!   A failure to start is `Error::StartDaemon`.
 //! * The `GuestMemoryAtomic` given to [`VhostUserDaemon::new`] is not used: the backend
 //!   gets the device's memory through `update_memory`, as with upstream.
+//! * The backend must have `Bitmap = ()` and `Vring = VringRwLock` (what unidev's
+//!   dispatch runs; most vhost-device backends do); others run as a process behind
+//!   `vhost-user-proxy`.
 //! * Not offered: `start_client` (vhost-user's backend-connects mode).
 //!
 //! The backend's calls run inside the core's containment boundary
@@ -177,6 +182,16 @@ where
     /// Signal the backend's exit event of this worker: the worker leaves its loop.
     pub fn send_exit_event(&self) {
         self.local.send_exit_event(self.thread);
+    }
+}
+
+impl<T> AsRawFd for VringEpollHandler<T>
+where
+    T: VhostUserBackend<Bitmap = (), Vring = VringRwLock> + Clone + 'static,
+{
+    /// The worker's epoll descriptor, as upstream's.
+    fn as_raw_fd(&self) -> RawFd {
+        self.local.worker_epoll_fd(self.thread).unwrap_or(-1)
     }
 }
 

@@ -480,6 +480,10 @@ impl Export<Virtio> {
             }
             VirtioSource::Device { device, dma } => (device, dma),
         };
+        // A backend failure's log line names the export.
+        if let Some(health) = device.health() {
+            health.set_name(name.clone());
+        }
         let bound = Box::new(transport).bind_virtio(&name, device, dma, options)?;
         Ok(Exported::new(name, bound))
     }

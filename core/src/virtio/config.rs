@@ -222,7 +222,7 @@ static GPIO: Layout = Layout {
     fields: &[ro("ngpio", 0, 2, 0), ro("gpio_names_size", 4, 4, 0)],
 };
 
-/// Entropy (5.4), I2C (virtio 1.2 5.20) and others with no configuration space.
+/// Entropy (5.4), I2C (virtio 1.2 5.16) and others with no configuration space.
 static RNG: Layout = Layout {
     device_type: spec::VIRTIO_ID_RNG,
     size: 0,

@@ -129,9 +129,19 @@ impl Acceptor {
             warn!("{name}: refusing a connection: {why}");
             return Control::Continue;
         }
-        if !self.make_room(ctx) {
-            warn!("{name}: refusing a second client while one is attached");
-            return Control::Continue;
+        match self.make_room(ctx) {
+            Room::Free => {}
+            Room::Taken => {
+                warn!("{name}: refusing a second client while one is attached");
+                return Control::Continue;
+            }
+            // The first client's session just ended: with one session only, this one
+            // is not served.
+            Room::Freed if self.single_session => {
+                info!("{name}: the session ended; not serving another client");
+                return Control::Exit;
+            }
+            Room::Freed => {}
         }
         if let Err(e) = stream.set_nonblocking(false) {
             warn!("{name}: {e}");
@@ -148,16 +158,16 @@ impl Acceptor {
     /// Whether a new client may attach: nobody is attached, or the attached client has
     /// just closed (its hang-up can be waiting behind this accept in the same epoll
     /// batch), in which case it is detached now.
-    fn make_room(&self, ctx: &mut LoopContext) -> bool {
+    fn make_room(&self, ctx: &mut LoopContext) -> Room {
         let current = lock(&self.attached).clone();
         let Some(current) = current else {
-            return true;
+            return Room::Free;
         };
         if !lock(&current.session).finish_if_gone() {
-            return false;
+            return Room::Taken;
         }
         self.detach(&current, ctx);
-        true
+        Room::Freed
     }
 
     /// A session for `stream`.
@@ -203,6 +213,16 @@ impl Acceptor {
             *attached = None;
         }
     }
+}
+
+/// Whether a new client finds the device free.
+enum Room {
+    /// Nobody is attached.
+    Free,
+    /// A client is attached.
+    Taken,
+    /// The attached client had gone; it is detached now.
+    Freed,
 }
 
 /// One attached client: its session and the watches of its socket, its inbox (messages

@@ -23,36 +23,44 @@
 //! seccomp policy ([`crate::sandbox`]): filtered before it touches a ring, or,
 //! if the filter cannot be installed, not at all (the queue start fails).
 //!
+//! Every call into the backend runs inside the containment boundary
+//! ([`super::health`]): after a panic the device's workers stop (they would only spin on
+//! events nobody consumes, and a panic inside a vring's lock leaves that vring poisoned);
+//! the driver's reset gives the device fresh vrings and re-armed workers on the same epoll
+//! sets, so the listeners the backend registered stay. The workers live in `worker.rs`.
+//!
 //! Adaptive polling (a per-device option): after handling a kick, a worker keeps
 //! checking the queue's available index for a bounded time before going back to sleep,
 //! trading CPU for wake-up latency (cross-core eventfd wake-ups are costly). While it
 //! polls, the driver is asked not to notify; notifications are back on (and the ring
 //! checked again) before it sleeps.
 
+mod worker;
+
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use log::{error, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::EventNotifier;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
+use self::worker::{has_new_buffers, spawner, Worker, WorkerQueues, WorkerThread};
 use super::device::{QueueConfig, QueueError, VirtioDevice};
 use super::health::{contain, DeviceHealth};
 use super::inflight::{InflightQueue, InflightRegion, RingLayout};
-use crate::memory::{DmaSpace, GuestMemorySnapshot};
-use crate::sandbox::{self, SandboxedThread};
-use crate::sync::lock;
-
 use super::spec::VIRTIO_RING_F_EVENT_IDX;
+use crate::memory::{DmaSpace, GuestMemorySnapshot};
+use crate::sync::{self, lock};
+
+/// The stop event's number on a worker's epoll.
 const STOP_EVENT: u64 = u64::MAX;
 
 /// How workers wait for work.
@@ -66,41 +74,6 @@ pub struct DispatchOptions {
     pub busy: bool,
 }
 
-/// Starts a worker's thread.
-type SpawnWorker = Box<dyn FnOnce() -> io::Result<SandboxedThread<()>> + Send>;
-
-struct Worker {
-    epoll: Arc<OwnedFd>,
-    stop: EventFd,
-    /// The notifier half of the backend's `exit_event` for this worker (what
-    /// vhost-user-backend's `VringEpollHandler::send_exit_event` signals).
-    exit: Option<EventNotifier>,
-    /// Held by the worker while it runs the backend; taking it waits for that to end.
-    busy: Arc<Mutex<()>>,
-    /// The thread starts with the first of its queues: until then it is this closure,
-    /// so an idle device costs no thread (its epoll set, stop and exit events exist and
-    /// collect events from the start).
-    thread: Mutex<WorkerThread>,
-}
-
-enum WorkerThread {
-    NotStarted(SpawnWorker),
-    Running(SandboxedThread<()>),
-    Gone,
-}
-
-impl Worker {
-    /// Start the thread if it has not started yet.
-    fn ensure_started(&self) -> io::Result<()> {
-        let mut t = lock(&self.thread);
-        match std::mem::replace(&mut *t, WorkerThread::Gone) {
-            WorkerThread::NotStarted(spawn) => *t = WorkerThread::Running(spawn()?),
-            other => *t = other,
-        }
-        Ok(())
-    }
-}
-
 /// The in-flight logs of a device's queues, shared with its workers.
 #[derive(Default)]
 struct InflightLogs {
@@ -110,19 +83,6 @@ struct InflightLogs {
     /// How many of `queues` hold a log: workers skip the per-queue locks while it is 0
     /// (every device without a vhost-user inflight region, on every event).
     logged: AtomicUsize,
-}
-
-/// What a worker needs to run its queues.
-struct WorkerQueues<B> {
-    backend: B,
-    vrings: Vec<VringRwLock>,
-    /// Global queue index of each of `vrings`.
-    global: Vec<usize>,
-    logs: Arc<InflightLogs>,
-    busy: Arc<Mutex<()>>,
-    thread_id: usize,
-    snapshot: GuestMemorySnapshot,
-    health: Arc<DeviceHealth>,
 }
 
 struct QueuePlace {
@@ -204,19 +164,37 @@ where
 {
     device_type: u32,
     backend: B,
-    vrings: Vec<VringRwLock>,
+    num_queues: usize,
+    /// The vrings, replaced by fresh ones when the device is reset after a failure (a
+    /// backend that panicked while holding a vring's lock leaves it poisoned).
+    vrings: RwLock<Vec<VringRwLock>>,
     places: Vec<Option<QueuePlace>>,
     workers: Vec<Worker>,
     state: Mutex<LocalState>,
     snapshot: GuestMemorySnapshot,
     logs: Arc<InflightLogs>,
     max_queue_size: u16,
+    options: DispatchOptions,
     health: Arc<DeviceHealth>,
 }
 
 fn eventfd_into_file(fd: EventFd) -> File {
     // SAFETY: into_raw_fd hands over sole ownership of a valid descriptor to the File.
     unsafe { File::from_raw_fd(fd.into_raw_fd()) }
+}
+
+/// `count` vrings of at most `max` entries over `snapshot`.
+fn new_vrings(
+    count: usize,
+    max: u16,
+    snapshot: &GuestMemorySnapshot,
+) -> io::Result<Vec<VringRwLock>> {
+    (0..count)
+        .map(|_| {
+            VringRwLock::new(snapshot.clone(), max)
+                .map_err(|e| io::Error::other(format!("cannot create vring: {e:?}")))
+        })
+        .collect()
 }
 
 impl<B> LocalVirtio<B>
@@ -250,13 +228,7 @@ where
         })
         .map_err(|e| setup("num_queues / max_queue_size / queues_per_thread", e))?;
         let max = u16::try_from(max_size).unwrap_or(u16::MAX);
-        let mut vrings = Vec::with_capacity(num_queues);
-        for _ in 0..num_queues {
-            vrings.push(
-                VringRwLock::new(snapshot.clone(), max)
-                    .map_err(|e| io::Error::other(format!("cannot create vring: {e:?}")))?,
-            );
-        }
+        let vrings = new_vrings(num_queues, max, &snapshot)?;
         let logs = Arc::new(InflightLogs {
             region: Mutex::new(None),
             queues: (0..num_queues).map(|_| Mutex::new(None)).collect(),
@@ -265,29 +237,17 @@ where
         let mut places: Vec<Option<QueuePlace>> = (0..num_queues).map(|_| None).collect();
         let mut workers = Vec::with_capacity(masks.len());
         for (thread_id, mask) in masks.iter().enumerate() {
-            let mut thread_vrings = Vec::new();
             let mut global = Vec::new();
-            for (i, vring) in vrings.iter().enumerate() {
-                if i < 64 && (mask >> i) & 1 == 1 && places[i].is_none() {
-                    places[i] = Some(QueuePlace {
+            for (i, place) in places.iter_mut().enumerate() {
+                if i < 64 && (mask >> i) & 1 == 1 && place.is_none() {
+                    *place = Some(QueuePlace {
                         thread: thread_id,
-                        device_event: thread_vrings.len() as u64,
+                        device_event: global.len() as u64,
                     });
-                    thread_vrings.push(vring.clone());
                     global.push(i);
                 }
             }
-            let queues = WorkerQueues {
-                backend: backend.clone(),
-                vrings: thread_vrings,
-                global,
-                logs: logs.clone(),
-                busy: Arc::new(Mutex::new(())),
-                thread_id,
-                snapshot: snapshot.clone(),
-                health: health.clone(),
-            };
-            workers.push(Self::spawn_worker(queues, num_queues, options)?);
+            workers.push(Worker::new(global)?);
         }
         for (i, p) in places.iter().enumerate() {
             if p.is_none() {
@@ -295,8 +255,28 @@ where
                 info!("queue {i} is in no worker thread's mask; it will not be served");
             }
         }
-        let listener_backend = backend.clone();
-        let listener_health = Arc::downgrade(&health);
+        let local = Arc::new(LocalVirtio {
+            device_type,
+            backend,
+            num_queues,
+            vrings: RwLock::new(vrings),
+            places,
+            workers,
+            state: Mutex::new(LocalState {
+                started: vec![None; num_queues],
+                event_idx: false,
+            }),
+            snapshot,
+            logs,
+            max_queue_size: max,
+            options,
+            health,
+        });
+        for thread in 0..local.workers.len() {
+            local.arm(thread)?;
+        }
+        let listener_backend = local.backend.clone();
+        let listener_health = Arc::downgrade(&local.health);
         dma.subscribe(Arc::new(move |snap: &GuestMemorySnapshot| {
             let Some(health) = listener_health.upgrade() else {
                 return;
@@ -308,73 +288,100 @@ where
                 error!("backend refused a memory update: {e}");
             }
         }));
-        Ok(Arc::new(LocalVirtio {
-            device_type,
-            backend,
-            vrings,
-            places,
-            workers,
-            state: Mutex::new(LocalState {
-                started: vec![None; num_queues],
-                event_idx: false,
-            }),
-            snapshot,
-            logs,
-            max_queue_size: max,
-            health,
-        }))
+        Ok(local)
     }
 
-    fn spawn_worker(
-        queues: WorkerQueues<B>,
-        num_queues: usize,
-        options: DispatchOptions,
-    ) -> io::Result<Worker> {
-        let thread_id = queues.thread_id;
-        let raw = epoll::create(true)?;
-        // SAFETY: a fresh epoll descriptor that nothing else owns.
-        let epoll_fd = Arc::new(unsafe { OwnedFd::from_raw_fd(raw) });
-        let stop = EventFd::new(EFD_NONBLOCK)?;
-        let add = |fd: RawFd, data: u64| {
-            epoll::ctl(
-                epoll_fd.as_raw_fd(),
-                epoll::ControlOptions::EPOLL_CTL_ADD,
-                fd,
-                epoll::Event::new(epoll::Events::EPOLLIN, data),
-            )
-        };
-        add(stop.as_raw_fd(), STOP_EVENT)?;
-        // The backend's exit event, numbered num_queues as in vhost-user-backend.
-        let exit = contain(|| queues.backend.exit_event(thread_id))
+    /// Arm worker `thread` with the current vrings and the backend's exit event for it;
+    /// its thread starts with its first queue.
+    fn arm(&self, thread: usize) -> io::Result<()> {
+        let w = &self.workers[thread];
+        let exit = contain(|| self.backend.exit_event(thread))
             .map_err(|e| io::Error::other(format!("the backend panicked in exit_event: {e}")))?;
-        let (exit_consumer, exit_notifier) = match exit {
+        // The backend's exit event, numbered num_queues as in vhost-user-backend.
+        let consumer = match exit {
             Some((consumer, notifier)) => {
-                add(consumer.as_raw_fd(), num_queues as u64)?;
-                (Some(consumer), Some(notifier))
+                w.watch(consumer.as_raw_fd(), self.num_queues as u64)?;
+                *lock(&w.exit) = Some((consumer.as_raw_fd(), notifier));
+                Some(consumer)
             }
-            None => (None, None),
+            None => None,
         };
-        let ep = epoll_fd.clone();
-        let busy = queues.busy.clone();
-        // The worker runs the backend on guest-controlled rings and buffers: it starts
-        // under the process's seccomp policy (crate::sandbox), or not at all.
-        let spawn: SpawnWorker = Box::new(move || {
-            sandbox::spawn(
-                format!("vring-worker-{thread_id}"),
-                sandbox::Role::Worker,
-                move || {
-                    let _keep = exit_consumer;
-                    worker_loop(&ep, &queues, num_queues, options)
-                },
-            )
+        let vrings = sync::read(&self.vrings);
+        let queues = WorkerQueues {
+            backend: self.backend.clone(),
+            vrings: w.global.iter().map(|&g| vrings[g].clone()).collect(),
+            global: w.global.clone(),
+            logs: self.logs.clone(),
+            busy: w.busy.clone(),
+            thread_id: thread,
+            snapshot: self.snapshot.clone(),
+            health: self.health.clone(),
+        };
+        let spawn = spawner(
+            w.epoll.clone(),
+            queues,
+            consumer,
+            self.num_queues,
+            self.options,
+        );
+        *lock(&w.thread) = WorkerThread::NotStarted(spawn);
+        Ok(())
+    }
+
+    /// The device failed (a backend panic): stop the workers, replace the vrings (the
+    /// panic may have poisoned their locks), and arm the workers again, so that a driver
+    /// reset gets a working device if the backend's own state allows. Queues the driver
+    /// had started are given back to the backend as stopped (`stop_vring`), and the
+    /// memory as it is now (`update_memory`).
+    fn rebuild(&self) {
+        for w in &self.workers {
+            w.disarm();
+        }
+        let started: Vec<usize> = {
+            let mut st = self.lock();
+            let mut started = Vec::new();
+            for (i, slot) in st.started.iter_mut().enumerate() {
+                if let Some(fd) = slot.take() {
+                    self.unregister(i, fd);
+                    started.push(i);
+                }
+            }
+            st.event_idx = false;
+            started
+        };
+        for log in &self.logs.queues {
+            if lock(log).take().is_some() {
+                self.logs.logged.fetch_sub(1, Ordering::Release);
+            }
+        }
+        match new_vrings(self.num_queues, self.max_queue_size, &self.snapshot) {
+            Ok(fresh) => *sync::write(&self.vrings) = fresh,
+            Err(e) => {
+                self.health.fail(format!("cannot make new vrings: {e}"));
+                return;
+            }
+        }
+        self.health.clear();
+        for i in started {
+            let stopped = self
+                .health
+                .call("stop_vring", || self.backend.stop_vring(i as u32));
+            if let Some(Err(e)) = stopped {
+                warn!("backend failed to stop queue {i}: {e}");
+            }
+        }
+        let updated = self.health.call("update_memory", || {
+            self.backend.update_memory(self.snapshot.clone())
         });
-        Ok(Worker {
-            epoll: epoll_fd,
-            stop,
-            exit: exit_notifier,
-            busy,
-            thread: Mutex::new(WorkerThread::NotStarted(spawn)),
-        })
+        if let Some(Err(e)) = updated {
+            error!("backend refused a memory update: {e}");
+        }
+        for thread in 0..self.workers.len() {
+            if let Err(e) = self.arm(thread) {
+                self.health
+                    .fail(format!("cannot restart worker {thread}: {e}"));
+            }
+        }
     }
 
     /// The backend object (shared with the workers).
@@ -391,8 +398,8 @@ where
     /// `handle_event(data as u16, events, vrings, thread)` on that worker's thread, after
     /// the queues' (vhost-user-backend's `VringEpollHandler::register_listener`). `data`
     /// must be above `num_queues()`: 0 to `num_queues() - 1` are the worker's queues and
-    /// `num_queues()` its exit event. Events that arrive before the worker's thread starts
-    /// (with its first queue) wait for it.
+    /// `num_queues()` its exit event. The worker's thread starts now (as upstream's run
+    /// from the start), so the listener is served even before any queue runs.
     pub fn register_listener(
         &self,
         thread: usize,
@@ -406,7 +413,8 @@ where
             epoll::ControlOptions::EPOLL_CTL_ADD,
             fd,
             epoll::Event::new(epoll::Events::from_bits_truncate(events.bits()), data),
-        )
+        )?;
+        self.workers[thread].ensure_started()
     }
 
     /// Stop watching a listener registered with
@@ -428,18 +436,26 @@ where
     }
 
     fn listener_epoll(&self, thread: usize, data: u64) -> io::Result<RawFd> {
-        let reserved = data <= self.vrings.len() as u64 || data == STOP_EVENT;
+        let reserved = data <= self.num_queues as u64 || data == STOP_EVENT;
         match self.workers.get(thread) {
             Some(w) if !reserved => Ok(w.epoll.as_raw_fd()),
             _ => Err(io::Error::from_raw_os_error(libc::EINVAL)),
         }
     }
 
+    /// The epoll descriptor of worker `thread` (vhost-user-backend's `VringEpollHandler`
+    /// implements `AsRawFd` with it).
+    pub fn worker_epoll_fd(&self, thread: usize) -> Option<RawFd> {
+        self.workers.get(thread).map(|w| w.epoll.as_raw_fd())
+    }
+
     /// Signal the backend's exit event of worker `thread` (vhost-user-backend's
     /// `VringEpollHandler::send_exit_event`): the worker leaves its loop.
     pub fn send_exit_event(&self, thread: usize) {
-        if let Some(exit) = self.workers.get(thread).and_then(|w| w.exit.as_ref()) {
-            let _ = exit.notify();
+        if let Some(w) = self.workers.get(thread) {
+            if let Some((_, exit)) = lock(&w.exit).as_ref() {
+                let _ = exit.notify();
+            }
         }
     }
 
@@ -462,202 +478,19 @@ where
             );
         }
     }
-}
 
-fn worker_loop<B>(
-    epoll_fd: &OwnedFd,
-    w: &WorkerQueues<B>,
-    num_queues: usize,
-    options: DispatchOptions,
-) where
-    B: VhostUserBackend<Bitmap = (), Vring = VringRwLock>,
-{
-    let thread_id = w.thread_id;
-    let mut events = vec![epoll::Event::new(epoll::Events::empty(), 0); 64];
-    loop {
-        if options.busy {
-            for (i, vring) in w.vrings.iter().enumerate() {
-                if has_new_buffers(vring, &w.snapshot) {
-                    w.handle(i as u16, EventSet::IN);
-                }
-            }
-        }
-        let timeout = if options.busy { 0 } else { -1 };
-        let n = match epoll::wait(epoll_fd.as_raw_fd(), timeout, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+    /// Run `f` on the vrings inside the containment boundary: a vring whose lock a
+    /// backend panic poisoned makes the device fail instead of panicking here.
+    fn on_vrings<R>(&self, what: &str, f: impl FnOnce(&[VringRwLock]) -> R) -> Option<R> {
+        match contain(|| f(&sync::read(&self.vrings))) {
+            Ok(r) => Some(r),
             Err(e) => {
-                error!("vring worker {thread_id}: epoll failed: {e}");
-                return;
-            }
-        };
-        for ev in &events[..n] {
-            let data = ev.data;
-            if data == STOP_EVENT || data == num_queues as u64 {
-                return;
-            }
-            let evset = EventSet::from_bits_truncate(ev.events);
-            if let Some(vring) = w.vrings.get(data as usize) {
-                match vring.read_kick() {
-                    Ok(true) => {}
-                    Ok(false) => continue, // disabled vring: consume and ignore
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => {
-                        warn!("vring worker {thread_id}: cannot read kick: {e}");
-                        continue;
-                    }
-                }
-                w.handle(data as u16, evset);
-                if !options.poll.is_zero() {
-                    w.poll_queue(vring, data as u16, options.poll);
-                }
-            } else {
-                // One of the backend's own listeners.
-                w.handle(data as u16, evset);
+                self.health
+                    .fail(format!("a vring the backend left poisoned ({what}): {e}"));
+                None
             }
         }
     }
-}
-
-impl<B: VhostUserBackend<Bitmap = (), Vring = VringRwLock>> WorkerQueues<B> {
-    /// Run the backend for one event, logging in-flight heads around it when a log is set.
-    fn handle(&self, device_event: u16, evset: EventSet) {
-        if self.health.is_failed() {
-            return;
-        }
-        let _busy = lock(&self.busy);
-        let logging = self.log_queues(|log, _, mem| log.premark(mem));
-        let handled = self.health.call("handle_event", || {
-            self.backend
-                .handle_event(device_event, evset, &self.vrings, self.thread_id)
-        });
-        if let Some(Err(e)) = handled {
-            warn!(
-                "backend failed event {device_event} on worker {}: {e}",
-                self.thread_id
-            );
-        }
-        if logging {
-            self.log_queues(|log, vring, mem| {
-                let (avail, used) = {
-                    let state = vring.get_ref();
-                    let q = state.get_queue();
-                    (q.next_avail(), q.next_used())
-                };
-                log.record(mem, avail, used);
-            });
-        }
-    }
-
-    /// Apply `f` to the log of every started queue of this worker; whether any had one.
-    fn log_queues(
-        &self,
-        mut f: impl FnMut(&mut InflightQueue, &VringRwLock, &vm_memory::GuestMemoryMmap),
-    ) -> bool {
-        if self.logs.logged.load(Ordering::Acquire) == 0 {
-            return false;
-        }
-        let mut any = false;
-        let mut mem = None;
-        for (vring, global) in self.vrings.iter().zip(&self.global) {
-            let mut slot = lock(&self.logs.queues[*global]);
-            if let Some(log) = slot.as_mut() {
-                let mem = mem.get_or_insert_with(|| self.snapshot.memory());
-                f(log, vring, mem);
-                any = true;
-            }
-        }
-        any
-    }
-
-    /// Poll `vring` until `budget` passes without new buffers. Meanwhile the driver is
-    /// asked not to notify (a kick would only cost it a syscall, and over vfio-user a
-    /// doorbell message the server thread must wake for); before returning to sleep,
-    /// notifications are enabled again and the ring checked once more, so a buffer
-    /// published in between is never left without a kick.
-    fn poll_queue(&self, vring: &VringRwLock, device_event: u16, budget: Duration) {
-        let mut deadline = Instant::now() + budget;
-        let mut spins = 0u32;
-        suppress_notifications(vring, &self.snapshot);
-        loop {
-            if has_new_buffers(vring, &self.snapshot) {
-                self.handle(device_event, EventSet::IN);
-                // The backend enables notifications when it has drained the ring.
-                suppress_notifications(vring, &self.snapshot);
-                deadline = Instant::now() + budget;
-                continue;
-            }
-            std::hint::spin_loop();
-            spins = spins.wrapping_add(1);
-            // Reading the clock every iteration would dominate the spin.
-            if spins % 64 == 0 && Instant::now() >= deadline {
-                if !rearm_notifications(vring, &self.snapshot) {
-                    return;
-                }
-                // Published before notifications were back on: keep going.
-                deadline = Instant::now() + budget;
-            }
-        }
-    }
-}
-
-/// Ask the driver to notify about `vring` again; whether it published buffers meanwhile
-/// (then the caller must take them: no kick will come for them). Only while the queue
-/// runs: the check and the write happen under the vring's lock, so a queue stopped (and
-/// its rings perhaps gone) is never written.
-fn rearm_notifications(vring: &VringRwLock, snapshot: &GuestMemorySnapshot) -> bool {
-    let mut state = vring.get_mut();
-    if !state.is_enabled() {
-        return false;
-    }
-    let q = state.get_queue_mut();
-    if !q.ready() {
-        return false;
-    }
-    let mem = snapshot.memory();
-    q.enable_notification(&*mem).unwrap_or(false)
-}
-
-/// Ask the driver not to notify about `vring` (virtio 1.2 2.7.10): VRING_USED_F_NO_NOTIFY,
-/// or with EVENT_IDX an `avail_event` one behind the next entry the device takes, which
-/// the driver's next publications do not cross. A hint: a driver may notify anyway. Like
-/// [`rearm_notifications`], only while the queue runs.
-fn suppress_notifications(vring: &VringRwLock, snapshot: &GuestMemorySnapshot) {
-    let mut state = vring.get_mut();
-    if !state.is_enabled() {
-        return;
-    }
-    let q = state.get_queue_mut();
-    if !q.ready() {
-        return;
-    }
-    let mem = snapshot.memory();
-    if !q.event_idx_enabled() {
-        let _ = q.disable_notification(&*mem);
-        return;
-    }
-    // avail_event follows the used ring's entries (virtio 1.2 2.7.8).
-    let at = q.used_ring().checked_add(4 + 8 * u64::from(q.size()));
-    if let Some(at) = at {
-        let behind = q.next_avail().wrapping_sub(1);
-        let _ = mem.store(behind.to_le(), GuestAddress(at), Ordering::Relaxed);
-    }
-}
-
-/// Whether the driver published buffers the device has not taken yet.
-fn has_new_buffers(vring: &VringRwLock, snapshot: &GuestMemorySnapshot) -> bool {
-    let state = vring.get_ref();
-    if !state.is_enabled() {
-        return false;
-    }
-    let q = state.get_queue();
-    if !q.ready() {
-        return false;
-    }
-    let mem = snapshot.memory();
-    q.avail_idx(&*mem, Ordering::Acquire)
-        .map(|idx| idx.0 != q.next_avail())
-        .unwrap_or(false)
 }
 
 impl<B> VirtioDevice for LocalVirtio<B>
@@ -669,7 +502,7 @@ where
     }
 
     fn num_queues(&self) -> usize {
-        self.vrings.len()
+        self.num_queues
     }
 
     fn max_queue_size(&self) -> u16 {
@@ -713,9 +546,11 @@ where
     fn set_driver_features(&self, features: u64) {
         let event_idx = features & VIRTIO_RING_F_EVENT_IDX != 0;
         self.lock().event_idx = event_idx;
-        for v in &self.vrings {
-            v.set_queue_event_idx(event_idx);
-        }
+        self.on_vrings("set_driver_features", |vrings| {
+            for v in vrings {
+                v.set_queue_event_idx(event_idx);
+            }
+        });
         self.health.call("set_event_idx / acked_features", || {
             self.backend.set_event_idx(event_idx);
             // A vhost-user frontend acks PROTOCOL_FEATURES when offered; keep that view.
@@ -725,10 +560,106 @@ where
     }
 
     fn start_queue(&self, index: usize, c: QueueConfig) -> Result<(), QueueError> {
-        let vring = self
-            .vrings
-            .get(index)
-            .ok_or(QueueError::NoSuchQueue(index))?;
+        if index >= self.num_queues {
+            return Err(QueueError::NoSuchQueue(index));
+        }
+        if let Some(why) = self.health.failure() {
+            return Err(QueueError::Backend {
+                index,
+                source: io::Error::other(format!("the device failed ({why}); reset it")),
+            });
+        }
+        let started = self.on_vrings("start_queue", |vrings| {
+            self.start_queue_on(&vrings[index], index, c)
+        });
+        started.unwrap_or_else(|| {
+            Err(QueueError::Backend {
+                index,
+                source: io::Error::other("the device failed; reset it"),
+            })
+        })
+    }
+
+    fn set_queue_call(&self, index: usize, call: Option<EventFd>) {
+        self.on_vrings("set_queue_call", |vrings| {
+            if let Some(vring) = vrings.get(index) {
+                vring.set_call(call.map(eventfd_into_file));
+            }
+        });
+    }
+
+    fn stop_queue(&self, index: usize) -> Option<u16> {
+        if index >= self.num_queues {
+            return None;
+        }
+        let fd = self.lock().started[index].take();
+        if let Some(fd) = fd {
+            self.unregister(index, fd);
+        }
+        self.on_vrings("stop_queue", |vrings| {
+            self.stop_queue_on(&vrings[index], index)
+        })
+    }
+
+    fn reset(&self) {
+        // A reset is the driver's way back from a failure: new vrings and workers, and
+        // the backend is tried again.
+        if self.health.is_failed() {
+            self.rebuild();
+        }
+        for i in 0..self.num_queues {
+            self.stop_queue(i);
+        }
+        self.health.call("reset_device", || {
+            self.backend.reset_device();
+            self.backend.set_event_idx(false);
+        });
+        self.on_vrings("reset", |vrings| {
+            for v in vrings {
+                v.get_mut().get_queue_mut().reset();
+                v.set_queue_event_idx(false);
+            }
+        });
+        self.lock().event_idx = false;
+    }
+
+    fn health(&self) -> Option<Arc<DeviceHealth>> {
+        Some(self.health.clone())
+    }
+
+    fn can_log_inflight(&self) -> bool {
+        true
+    }
+
+    fn set_inflight(&self, region: Option<Arc<InflightRegion>>) -> io::Result<()> {
+        if let Some(r) = &region {
+            if usize::from(r.num_queues()) > self.num_queues {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "inflight region for {} queues; the device has {}",
+                        r.num_queues(),
+                        self.num_queues
+                    ),
+                ));
+            }
+        }
+        *lock(&self.logs.region) = region;
+        Ok(())
+    }
+}
+
+impl<B> LocalVirtio<B>
+where
+    B: VhostUserBackend<Bitmap = (), Vring = VringRwLock> + Clone + 'static,
+{
+    /// [`VirtioDevice::start_queue`] on `vring`.
+    fn start_queue_on(
+        &self,
+        vring: &VringRwLock,
+        index: usize,
+        c: QueueConfig,
+    ) -> Result<(), QueueError> {
         let place = self.places[index].as_ref();
         let max = self.max_queue_size();
         if c.size == 0 || !c.size.is_power_of_two() || c.size > max {
@@ -832,18 +763,8 @@ where
         Ok(())
     }
 
-    fn set_queue_call(&self, index: usize, call: Option<EventFd>) {
-        if let Some(vring) = self.vrings.get(index) {
-            vring.set_call(call.map(eventfd_into_file));
-        }
-    }
-
-    fn stop_queue(&self, index: usize) -> Option<u16> {
-        let vring = self.vrings.get(index)?;
-        let fd = self.lock().started[index].take();
-        if let Some(fd) = fd {
-            self.unregister(index, fd);
-        }
+    /// [`VirtioDevice::stop_queue`] on `vring`, its kick fd already unregistered.
+    fn stop_queue_on(&self, vring: &VringRwLock, index: usize) -> u16 {
         vring.set_enabled(false);
         // Wait for a handle_event in progress: from here on the queue does not move.
         if let Some(place) = &self.places[index] {
@@ -868,49 +789,7 @@ where
         let next = vring.queue_next_avail();
         vring.set_kick(None);
         vring.set_call(None);
-        Some(next)
-    }
-
-    fn reset(&self) {
-        for i in 0..self.vrings.len() {
-            self.stop_queue(i);
-        }
-        // A reset is the driver's way back from a failure: the backend is tried again.
-        self.health.clear();
-        self.health.call("reset_device", || {
-            self.backend.reset_device();
-            self.backend.set_event_idx(false);
-        });
-        for v in &self.vrings {
-            v.get_mut().get_queue_mut().reset();
-            v.set_queue_event_idx(false);
-        }
-        self.lock().event_idx = false;
-    }
-
-    fn health(&self) -> Option<Arc<DeviceHealth>> {
-        Some(self.health.clone())
-    }
-
-    fn can_log_inflight(&self) -> bool {
-        true
-    }
-
-    fn set_inflight(&self, region: Option<Arc<InflightRegion>>) -> io::Result<()> {
-        if let Some(r) = &region {
-            if usize::from(r.num_queues()) > self.vrings.len() {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!(
-                        "inflight region for {} queues; the device has {}",
-                        r.num_queues(),
-                        self.vrings.len()
-                    ),
-                ));
-            }
-        }
-        *lock(&self.logs.region) = region;
-        Ok(())
+        next
     }
 }
 
